@@ -1,0 +1,5 @@
+"""``python -m epruntime`` is the ``epruntime`` command (so ``torchrun -m epruntime run`` works)."""
+
+from .cli import main
+
+raise SystemExit(main())

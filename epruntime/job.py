@@ -1,0 +1,122 @@
+"""``epruntime run``: time the EP layer on synthetic weights and tokens, optionally verify it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .config import Config, config_to_dict
+from .dispatch import traffic_report
+from .moe import EPMoE
+from .reference import reference_moe
+from .runtime import Runtime, init_runtime
+from .timing import STAGES
+from .weights import random_state_dict
+
+TOLERANCE = {"float32": 1e-5, "bfloat16": 3e-2, "float16": 5e-3}
+
+
+def synthetic_tokens(cfg: Config, rank: int, num_tokens: int | None = None) -> torch.Tensor:
+    """This rank's ``[T, H]`` activations, reproducible from ``runtime.seed`` and the rank."""
+    t = cfg.runtime.tokens_per_rank if num_tokens is None else num_tokens
+    gen = torch.Generator().manual_seed(cfg.runtime.seed * 7919 + rank + 1)
+    return torch.randn(t, cfg.model.hidden_size, generator=gen).to(cfg.model.torch_dtype)
+
+
+def _reduce(values: list[float], op: dist.ReduceOp, dtype: torch.dtype = torch.float64) -> list[float]:
+    t = torch.tensor(values, dtype=dtype)
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def verify_output(rt: Runtime, layer_seed: int, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    """Compare every rank's output with the single-process reference; normwise error over all ranks."""
+    ref = reference_moe(x, random_state_dict(rt.cfg.model, layer_seed), rt.cfg.model)  # [T, H] fp32
+    err = (y.float().cpu() - ref).abs().max().item() if len(ref) else 0.0
+    scale = ref.abs().max().item() if len(ref) else 0.0
+    err, scale = _reduce([err, scale], dist.ReduceOp.MAX)
+    rel = err / max(scale, 1e-30)
+    tol = TOLERANCE[rt.cfg.model.dtype]
+    return {"max_abs_err": err, "max_rel_err": rel, "tolerance": tol, "ok": rel <= tol}
+
+
+def run_layer(rt: Runtime, verify: bool) -> dict[str, Any]:
+    """Warm up, time ``runtime.iters`` forwards and gather the summary (every rank returns it)."""
+    cfg = rt.cfg
+    layer = EPMoE.random(cfg.model, rt, seed=cfg.runtime.seed)
+    x = synthetic_tokens(cfg, rt.rank).to(rt.device)
+    for _ in range(cfg.runtime.warmup):
+        layer(x)
+    layer.timer.reset()
+    layer.dispatcher.traffic.reset()
+    for _ in range(cfg.runtime.iters):
+        y = layer(x)
+    medians = layer.timer.medians_ms()
+    slowest = dict(zip(STAGES, _reduce([medians[s] for s in STAGES], dist.ReduceOp.MAX)))
+    traffic = layer.dispatcher.traffic.as_tensor()
+    dist.all_reduce(traffic)
+    total_tokens = int(_reduce([float(x.shape[0])], dist.ReduceOp.SUM)[0])
+    summary: dict[str, Any] = {
+        "world_size": rt.world_size,
+        "nnodes": rt.topo.nnodes,
+        "ranks_per_node": rt.topo.ranks_per_node,
+        "dispatcher": layer.dispatcher.name,
+        "dtype": cfg.model.dtype,
+        "tokens_per_rank": cfg.runtime.tokens_per_rank,
+        "total_tokens": total_tokens,
+        "iters": cfg.runtime.iters,
+        "timing_ms": slowest,
+        "throughput_tokens_per_s": total_tokens / (slowest["total"] / 1e3) if slowest["total"] else 0.0,
+        "traffic_bytes": traffic_report(torch.div(traffic, cfg.runtime.iters, rounding_mode="floor")),
+        "config": config_to_dict(cfg),
+    }
+    if verify:
+        summary["verify"] = verify_output(rt, cfg.runtime.seed, x, y)
+    return summary
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.3f} MB"
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The rank-0 summary as printed by ``epruntime run``."""
+    lines = [
+        f"epruntime run: {s['world_size']} ranks = {s['nnodes']} nodes x {s['ranks_per_node']} | "
+        f"dispatcher {s['dispatcher']} | {s['tokens_per_rank']} tokens/rank | {s['dtype']} | {s['iters']} iters",
+        "stage      median ms (slowest rank)",
+    ]
+    lines += [f"  {stage:<9}{s['timing_ms'][stage]:10.3f}" for stage in STAGES]
+    lines.append(f"throughput {s['throughput_tokens_per_s']:,.0f} tokens/s ({s['total_tokens']} tokens per layer)")
+    t = s["traffic_bytes"]
+    for phase in ("dispatch", "combine"):
+        p = t[phase]
+        lines.append(
+            f"{phase:<9}  intra-node {_mb(p['intra_node'])}  inter-node {_mb(p['inter_node'])}  "
+            f"metadata {_mb(p['metadata'])}  (per layer, all ranks)"
+        )
+    if "verify" in s:
+        v = s["verify"]
+        verdict = "ok" if v["ok"] else "FAILED"
+        lines.append(f"verify: {verdict} (max rel err {v['max_rel_err']:.2e}, tolerance {v['tolerance']:.0e})")
+    return "\n".join(lines)
+
+
+def run_main(cfg: Config, verify: bool, json_path: str | None) -> int:
+    """Entry point of ``epruntime run`` inside a launched rank; returns the exit status."""
+    rt = init_runtime(cfg)
+    rt.log(f"node {rt.node} local {rt.local_index}, experts {rt.topo.expert_range(rt.rank)}, launcher {rt.launcher}")
+    summary = run_layer(rt, verify)
+    if rt.rank == 0:
+        print(format_summary(summary), flush=True)
+        if json_path:
+            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(json_path).write_text(json.dumps(summary, indent=2))
+    ok = summary.get("verify", {}).get("ok", True)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0 if ok else 1

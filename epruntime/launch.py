@@ -1,0 +1,53 @@
+"""``epruntime launch``: start every rank of the configured world on this machine, through torchrun's
+own elastic agent (c10d rendezvous on 127.0.0.1), without a separate ``torchrun`` command."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import uuid
+
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+from .config import Config
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def launch_local(cfg: Config, run_args: list[str]) -> int:
+    """Run ``epruntime run RUN_ARGS`` on ``world_size`` local processes; return the job's exit status."""
+    world = cfg.topology.world_size
+    if world > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun does: ranks share the cores
+    launch_config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=world,
+        run_id=f"epruntime-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{free_port()}",
+        rdzv_configs={"timeout": int(cfg.runtime.timeout_s)},
+        local_addr="127.0.0.1",
+        max_restarts=0,
+        monitor_interval=0.1,
+        start_method="spawn",
+    )
+    try:
+        elastic_launch(launch_config, sys.executable)("-m", "epruntime", "run", *run_args)
+    except ChildFailedError as exc:
+        failures = exc.failures
+        first = min(failures.values(), key=lambda f: f.timestamp)
+        print(
+            f"epruntime launch: {len(failures)} of {world} ranks failed; first: rank {first.global_rank} "
+            f"exited with status {first.exitcode}",
+            file=sys.stderr,
+        )
+        return first.exitcode if first.exitcode > 0 else 1
+    return 0

@@ -1,0 +1,42 @@
+"""Per-stage wall-clock timing of the MoE pipeline (router, dispatch, experts, combine, shared)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+STAGES = ("router", "dispatch", "experts", "combine", "shared", "total")
+
+
+class StageTimer:
+    """Records one duration per stage per forward; synchronizes CUDA around each stage when on GPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sync = device.type == "cuda"
+        self.samples: dict[str, list[float]] = defaultdict(list)
+        self.enabled = True
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        if self.sync:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        yield
+        if self.sync:
+            torch.cuda.synchronize()
+        self.samples[name].append((time.perf_counter() - start) * 1e3)
+
+    def reset(self) -> None:
+        self.samples.clear()
+
+    def medians_ms(self) -> dict[str, float]:
+        """Median milliseconds of every stage (0.0 for a stage that never ran)."""
+        return {s: statistics.median(self.samples[s]) if self.samples[s] else 0.0 for s in STAGES}
