@@ -1,0 +1,98 @@
+"""Small configs, transformers reference modules and inputs shared by the tests."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from epruntime.config import Config, config_from_dict
+from epruntime.weights import random_state_dict
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SMALL_MODEL = dict(
+    hidden_size=64,
+    moe_intermediate_size=32,
+    n_routed_experts=16,
+    n_shared_experts=1,
+    num_experts_per_tok=4,
+    n_group=4,
+    topk_group=2,
+    routed_scaling_factor=2.5,
+    norm_topk_prob=True,
+    scoring_func="sigmoid",
+    dtype="float32",
+)
+
+
+def make_config(nnodes: int = 1, ranks_per_node: int = 1, runtime: dict[str, Any] | None = None, **model: Any) -> Config:
+    """A validated CPU/gloo config with the small model, overridden by ``model`` keys."""
+    return config_from_dict(
+        {
+            "model": {**SMALL_MODEL, **model},
+            "topology": {"nnodes": nnodes, "ranks_per_node": ranks_per_node, "device": "cpu", "backend": "gloo"},
+            "runtime": {"timeout_s": 60, **(runtime or {})},
+        }
+    )
+
+
+def hf_config(cfg: Config):
+    """The transformers DeepseekV3Config of ``cfg.model`` (one layer, eager experts)."""
+    from transformers import DeepseekV3Config
+
+    m = cfg.model
+    hf = DeepseekV3Config(
+        hidden_size=m.hidden_size,
+        moe_intermediate_size=m.moe_intermediate_size,
+        n_routed_experts=m.n_routed_experts,
+        n_shared_experts=m.n_shared_experts,
+        num_experts_per_tok=m.num_experts_per_tok,
+        n_group=m.n_group,
+        topk_group=m.topk_group,
+        routed_scaling_factor=m.routed_scaling_factor,
+        norm_topk_prob=m.norm_topk_prob,
+        num_hidden_layers=1,
+    )
+    hf._experts_implementation = "eager"
+    return hf
+
+
+def fused_hf_state_dict(sd: dict[str, torch.Tensor], n_experts: int) -> dict[str, torch.Tensor]:
+    """Per-expert HF names -> transformers 5.x in-memory layout (experts.gate_up_proj / down_proj)."""
+    out = {k: v for k, v in sd.items() if not k.startswith("experts.")}
+    out["experts.gate_up_proj"] = torch.stack(
+        [torch.cat([sd[f"experts.{e}.gate_proj.weight"], sd[f"experts.{e}.up_proj.weight"]]) for e in range(n_experts)]
+    )
+    out["experts.down_proj"] = torch.stack([sd[f"experts.{e}.down_proj.weight"] for e in range(n_experts)])
+    return out
+
+
+def hf_moe(cfg: Config, sd: dict[str, torch.Tensor]):
+    """transformers' DeepseekV3MoE loaded with the per-expert state dict ``sd`` (fp32)."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    module = DeepseekV3MoE(hf_config(cfg)).float().eval()
+    fused = {k: v.float() for k, v in fused_hf_state_dict(sd, cfg.model.n_routed_experts).items()}
+    module.load_state_dict(fused, strict=True)
+    return module
+
+
+def layer_weights(cfg: Config, seed: int, bias_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """Random per-expert weights; ``bias_scale`` makes the correction biases larger (more negatives)."""
+    sd = random_state_dict(cfg.model, seed)
+    sd["gate.e_score_correction_bias"] = sd["gate.e_score_correction_bias"] * bias_scale
+    return sd
+
+
+def tokens(num: int, hidden: int, seed: int) -> torch.Tensor:
+    """Fresh random activations ``[num, hidden]`` in fp32."""
+    return torch.randn(num, hidden, generator=torch.Generator().manual_seed(seed))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Normwise relative error ``max|a - b| / max|b|``."""
+    if b.numel() == 0:
+        return 0.0
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
