@@ -14,7 +14,11 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", required=True, help="YAML config, e.g. configs/cpu-sim.yaml")
     common.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
         help="override one config field (repeatable)",
     )
     common.add_argument("--verify", action="store_true", help="check every rank's output against the reference")

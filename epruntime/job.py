@@ -56,7 +56,7 @@ def run_layer(rt: Runtime, verify: bool) -> dict[str, Any]:
     for _ in range(cfg.runtime.iters):
         y = layer(x)
     medians = layer.timer.medians_ms()
-    slowest = dict(zip(STAGES, _reduce([medians[s] for s in STAGES], dist.ReduceOp.MAX)))
+    slowest = dict(zip(STAGES, _reduce([medians[s] for s in STAGES], dist.ReduceOp.MAX), strict=True))
     traffic = layer.dispatcher.traffic.as_tensor()
     dist.all_reduce(traffic)
     total_tokens = int(_reduce([float(x.shape[0])], dist.ReduceOp.SUM)[0])

@@ -24,14 +24,14 @@ def route(
     scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)  # [T, E]
     choice = scores + correction_bias.float()  # [T, E]
     if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
-        grouped = choice.view(num_tokens, cfg.n_group, -1)  # [T, G, E/G]
+        grouped = choice.view(num_tokens, cfg.n_group, cfg.n_routed_experts // cfg.n_group)  # [T, G, E/G]
         if cfg.scoring_func == "sigmoid":
             group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
         else:
             group_scores = grouped.amax(dim=-1)  # [T, G]
         keep = group_scores.topk(cfg.topk_group, dim=-1, sorted=False).indices  # [T, topk_group]
         group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)  # [T, G]
-        choice = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view(num_tokens, -1)
+        choice = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view(num_tokens, cfg.n_routed_experts)
     topk_idx = choice.topk(cfg.num_experts_per_tok, dim=-1, sorted=False).indices  # [T, K]
     topk_weights = scores.gather(1, topk_idx)  # [T, K]
     if cfg.norm_topk_prob:

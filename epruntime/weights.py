@@ -68,7 +68,9 @@ def expert_weights(sd: StateDict, cfg: MoEConfig, experts: Iterable[int]) -> tup
         return w13.contiguous(), w2.contiguous()
     w13 = torch.stack(
         [
-            torch.cat([take(sd, f"experts.{x}.gate_proj.weight", (i, h)), take(sd, f"experts.{x}.up_proj.weight", (i, h))])
+            torch.cat(
+                [take(sd, f"experts.{x}.gate_proj.weight", (i, h)), take(sd, f"experts.{x}.up_proj.weight", (i, h))]
+            )
             for x in experts
         ]
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -29,7 +30,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(fn: Callable, cfg_dict: dict, rank: int, port: int, args: tuple, results: Any) -> None:
+def _worker(payload: bytes, rank: int, port: int, results: Any) -> None:
+    # Tensors travel as plain pickled bytes: torch's fd-sharing reductions run out of descriptors.
+    fn, cfg_dict, args = pickle.loads(payload)
     world = cfg_dict["topology"]["nnodes"] * cfg_dict["topology"]["ranks_per_node"]
     os.environ.update(
         RANK=str(rank),
@@ -49,7 +52,7 @@ def _worker(fn: Callable, cfg_dict: dict, rank: int, port: int, args: tuple, res
         rt = init_runtime(config_from_dict(cfg_dict))
         out = fn(rt, *args)
         shutdown_runtime()
-        results.put((rank, "ok", out))
+        results.put((rank, "ok", pickle.dumps(out)))
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))
 
@@ -59,10 +62,8 @@ def run_world(fn: Callable, cfg: Config, *args: Any, deadline_s: float = 180.0) 
     world = cfg.topology.world_size
     results = _CTX.Queue()
     port = _free_port()
-    procs = [
-        _CTX.Process(target=_worker, args=(fn, config_to_dict(cfg), r, port, args, results), daemon=True)
-        for r in range(world)
-    ]
+    payload = pickle.dumps((fn, config_to_dict(cfg), args))
+    procs = [_CTX.Process(target=_worker, args=(payload, r, port, results), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     outputs: dict[int, Any] = {}
@@ -76,7 +77,7 @@ def run_world(fn: Callable, cfg: Config, *args: Any, deadline_s: float = 180.0) 
                 raise TimeoutError(f"ranks {missing} did not finish within {deadline_s}s") from None
             if status == "error":
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
-            outputs[rank] = value
+            outputs[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=5)

@@ -27,7 +27,9 @@ SMALL_MODEL = dict(
 )
 
 
-def make_config(nnodes: int = 1, ranks_per_node: int = 1, runtime: dict[str, Any] | None = None, **model: Any) -> Config:
+def make_config(
+    nnodes: int = 1, ranks_per_node: int = 1, runtime: dict[str, Any] | None = None, **model: Any
+) -> Config:
     """A validated CPU/gloo config with the small model, overridden by ``model`` keys."""
     return config_from_dict(
         {

@@ -57,13 +57,6 @@ def traffic_report(totals: torch.Tensor) -> dict[str, Any]:
     return report
 
 
-def _wire_view(t: torch.Tensor) -> torch.Tensor:
-    """16-bit floats travel as int16 (gloo has no bf16 reductions; all-to-all only moves bytes)."""
-    if t.dtype in (torch.bfloat16, torch.float16):
-        return t.view(torch.int16)
-    return t
-
-
 def all_to_all_rows(
     rows: torch.Tensor,  # [P, *] rows ordered by destination
     send_counts: list[int],
@@ -72,9 +65,7 @@ def all_to_all_rows(
 ) -> torch.Tensor:  # [sum(recv_counts), *]
     """Uneven all-to-all of whole rows over ``group``."""
     out = rows.new_empty((sum(recv_counts), *rows.shape[1:]))
-    dist.all_to_all_single(
-        _wire_view(out), _wire_view(rows.contiguous()), recv_counts, send_counts, group=group
-    )
+    dist.all_to_all_single(out, rows.contiguous(), recv_counts, send_counts, group=group)
     return out
 
 
