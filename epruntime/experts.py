@@ -1,17 +1,58 @@
-"""This rank's routed experts: permute (row, k) pairs to expert order, grouped GEMM, weighted reduce."""
+"""This rank's routed experts: permute (row, k) pairs to expert order, grouped GEMM, weighted reduce.
+
+Both dispatch layouts run the same SwiGLU over expert-contiguous rows (:meth:`LocalExperts.swiglu`):
+the normal layout (one row per received token, local top-k ids) is permuted into expert order and
+weighted back per row; the masked low-latency layout (``[E_local, C, H]`` with ``masked_m`` valid
+rows per expert) runs on its valid rows and returns unweighted outputs (its combine weights them).
+On CUDA ``torch._grouped_mm`` needs bf16 operands whose rows are 16-byte aligned; other shapes and
+dtypes take the per-expert loop. With ``grouped_gemm: deep_gemm`` the weights are FP8 blocks and
+the GEMMs are DeepGEMM's (see :mod:`epruntime.fp8`).
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import MoEConfig
+from .dispatch.base import DispatchResult, MaskedDispatchResult
+from .fp8 import (
+    Fp8Block,
+    deep_gemm_grouped_contiguous,
+    deep_gemm_grouped_masked,
+    dequantize_block_fp8,
+    quantize_block_fp8,
+)
 
 
 def has_grouped_mm() -> bool:
     """Whether this torch build has ``torch._grouped_mm``."""
     return hasattr(torch, "_grouped_mm")
+
+
+def grouped_mm_fits(dtype: torch.dtype, device: torch.device, *dims: int) -> bool:
+    """Whether ``torch._grouped_mm`` takes operands with rows of ``dims`` elements: on CUDA it needs bf16
+    and 16-byte aligned strides (the transposed weight ``[E, D_in, D_out]`` has stride ``D_in``)."""
+    return device.type != "cuda" or (dtype == torch.bfloat16 and all(d * 2 % 16 == 0 for d in dims))
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:  # [..., 2I] gate then up -> [..., I]
+    """``silu(gate) * up`` of a fused gate/up projection."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def valid_rows(masked_m: torch.Tensor, capacity: int) -> torch.Tensor:  # [N] int64
+    """Flat indices into ``[E, capacity]`` of each expert's first ``masked_m[e]`` rows, expert-major."""
+    slots = torch.arange(capacity, device=masked_m.device)
+    return (slots.unsqueeze(0) < masked_m.unsqueeze(1)).reshape(-1).nonzero().squeeze(1)
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def grouped_linear(
@@ -34,18 +75,76 @@ def grouped_linear(
 
 
 class LocalExperts(nn.Module):
-    """The ``E_local`` SwiGLU experts this rank owns, stored stacked for grouped GEMM."""
+    """The ``E_local`` SwiGLU experts this rank owns, stored stacked for grouped GEMM.
 
-    def __init__(self, cfg: MoEConfig, w13: torch.Tensor, w2: torch.Tensor, grouped_gemm: str = "auto") -> None:
+    ``w13``/``w2`` may be FP8 blocks (:class:`~epruntime.fp8.Fp8Block`): kept as FP8 for
+    ``grouped_gemm: deep_gemm``, dequantized here at load otherwise; dense weights are quantized
+    to 128 x 128 blocks at load for ``deep_gemm``.
+    """
+
+    def __init__(
+        self, cfg: MoEConfig, w13: torch.Tensor | Fp8Block, w2: torch.Tensor | Fp8Block, grouped_gemm: str = "auto"
+    ) -> None:
         super().__init__()
-        self.intermediate = cfg.moe_intermediate_size
+        self.intermediate = w2.shape[-1]  # I, or I / moe_tp for an expert-TP slice
+        self.topk, self.total_experts = cfg.num_experts_per_tok, cfg.n_routed_experts
+        self.fp8 = grouped_gemm == "deep_gemm"
+        if self.fp8:  # [E_local, 2I, H] and [E_local, H, I] FP8 blocks for DeepGEMM
+            self.w13, self.w2 = (w if isinstance(w, Fp8Block) else quantize_block_fp8(w) for w in (w13, w2))
+            self.use_grouped_mm = False
+            return
+        w13, w2 = (
+            dequantize_block_fp8(w.weight, w.scale_inv, dtype=cfg.torch_dtype) if isinstance(w, Fp8Block) else w
+            for w in (w13, w2)
+        )
         self.w13 = nn.Parameter(w13, requires_grad=False)  # [E_local, 2I, H] gate rows then up rows
         self.w2 = nn.Parameter(w2, requires_grad=False)  # [E_local, H, I]
-        self.use_grouped_mm = grouped_gemm == "grouped_mm" or (grouped_gemm == "auto" and has_grouped_mm())
+        fits = grouped_mm_fits(w13.dtype, w13.device, w13.shape[-1], self.intermediate)
+        if grouped_gemm == "grouped_mm" and not fits:
+            raise ValueError(
+                f"runtime.grouped_gemm: grouped_mm on CUDA needs bf16 weights with hidden ({w13.shape[-1]}) and "
+                f"intermediate ({self.intermediate}) sizes that are multiples of 8; use grouped_gemm auto or loop"
+            )
+        self.use_grouped_mm = grouped_gemm == "grouped_mm" or (grouped_gemm == "auto" and has_grouped_mm() and fits)
 
     @property
     def num_experts(self) -> int:
         return self.w13.shape[0]
+
+    def _linear(self, x: torch.Tensor, w: torch.Tensor | Fp8Block, counts: torch.Tensor) -> torch.Tensor:
+        if isinstance(w, Fp8Block):
+            return deep_gemm_grouped_contiguous(x, w, counts)
+        return grouped_linear(x, w, counts, self.use_grouped_mm)
+
+    def swiglu(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:  # [N, H] expert-contiguous -> [N, H]
+        """Every expert's SwiGLU on its consecutive block of ``counts[e]`` rows (unweighted)."""
+        return self._linear(swiglu(self._linear(x, self.w13, counts)), self.w2, counts)
+
+    def run(self, result: DispatchResult | MaskedDispatchResult) -> torch.Tensor:
+        """The expert stage for either dispatch layout: ``[R, H]`` weighted, or ``[E_local, C, H]`` unweighted."""
+        if isinstance(result, MaskedDispatchResult):
+            return self.forward_masked(result.recv_x, result.masked_m)
+        return self(result.recv_x, result.recv_topk_idx, result.recv_topk_weights, result.tokens_per_expert)
+
+    def forward_masked(
+        self,
+        recv_x: torch.Tensor,  # [E_local, C, H]
+        masked_m: torch.Tensor,  # [E_local] valid rows per expert
+    ) -> torch.Tensor:  # [E_local, C, H] unweighted outputs; rows past masked_m[e] are unspecified
+        """The masked grouped GEMM of the low-latency layout: only each expert's valid rows count."""
+        e, c, h = recv_x.shape
+        if self.fp8:  # DeepGEMM's masked kernels read masked_m on the GPU: no host sync
+            expected_m = math.ceil(c * self.topk / self.total_experts)
+            act = swiglu(deep_gemm_grouped_masked(recv_x, self.w13, masked_m, expected_m))  # [E_local, C, I]
+            return deep_gemm_grouped_masked(act, self.w2, masked_m, expected_m)
+        flat = recv_x.reshape(e * c, h)  # [E_local * C, H]
+        if _capturing(recv_x):  # a CUDA graph cannot read masked_m on the host: run every slot, ignore the rest
+            full = torch.full((e,), c, dtype=torch.int64, device=recv_x.device)
+            return self.swiglu(flat, full).view(e, c, h)
+        rows = valid_rows(masked_m, c)  # [N]
+        out = torch.zeros_like(flat)
+        out[rows] = self.swiglu(flat[rows], masked_m)
+        return out.view(e, c, h)
 
     def forward(
         self,
@@ -61,9 +160,7 @@ class LocalExperts(nn.Module):
         num_pairs = int(tokens_per_expert.sum())
         pair = torch.argsort(keys, stable=True)[:num_pairs]  # [N] (row, k) pairs in expert order
         rows = torch.div(pair, k, rounding_mode="floor")  # [N]
-        h = grouped_linear(recv_x[rows], self.w13, tokens_per_expert, self.use_grouped_mm)  # [N, 2I]
-        gate, up = h.split(self.intermediate, dim=1)
-        out = grouped_linear(F.silu(gate) * up, self.w2, tokens_per_expert, self.use_grouped_mm)  # [N, H]
+        out = self.swiglu(recv_x[rows], tokens_per_expert)  # [N, H]
         weighted = out.float() * recv_topk_weights.reshape(-1)[pair].unsqueeze(1)  # [N, H] fp32
         y = torch.zeros(num_rows, out.shape[1], dtype=torch.float32, device=out.device)  # [R, H]
         y.index_add_(0, rows, weighted)

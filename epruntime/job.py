@@ -14,6 +14,7 @@ from .dispatch import traffic_report
 from .moe import EPMoE
 from .reference import reference_moe
 from .runtime import Runtime, init_runtime
+from .shared_modes import compare_shared_modes, format_shared_modes
 from .timing import STAGES
 from .weights import random_state_dict
 
@@ -35,7 +36,8 @@ def _reduce(values: list[float], op: dist.ReduceOp, dtype: torch.dtype = torch.f
 
 def verify_output(rt: Runtime, layer_seed: int, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
     """Compare every rank's output with the single-process reference; normwise error over all ranks."""
-    ref = reference_moe(x, random_state_dict(rt.cfg.model, layer_seed), rt.cfg.model)  # [T, H] fp32
+    sd = random_state_dict(rt.cfg.model, layer_seed)
+    ref = reference_moe(x, sd, rt.cfg.model, rt.topo.experts_per_node)  # [T, H] fp32
     err = (y.float().cpu() - ref).abs().max().item() if len(ref) else 0.0
     scale = ref.abs().max().item() if len(ref) else 0.0
     err, scale = _reduce([err, scale], dist.ReduceOp.MAX)
@@ -44,11 +46,12 @@ def verify_output(rt: Runtime, layer_seed: int, x: torch.Tensor, y: torch.Tensor
     return {"max_abs_err": err, "max_rel_err": rel, "tolerance": tol, "ok": rel <= tol}
 
 
-def run_layer(rt: Runtime, verify: bool) -> dict[str, Any]:
+def run_layer(rt: Runtime, verify: bool, shared_modes: bool = False) -> dict[str, Any]:
     """Warm up, time ``runtime.iters`` forwards and gather the summary (every rank returns it)."""
     cfg = rt.cfg
     layer = EPMoE.random(cfg.model, rt, seed=cfg.runtime.seed)
-    x = synthetic_tokens(cfg, rt.rank).to(rt.device)
+    tp = cfg.runtime.moe_tp  # the ranks of one expert-TP group share their tokens
+    x = synthetic_tokens(cfg, rt.rank // tp).to(rt.device)
     for _ in range(cfg.runtime.warmup):
         layer(x)
     layer.timer.reset()
@@ -59,7 +62,8 @@ def run_layer(rt: Runtime, verify: bool) -> dict[str, Any]:
     slowest = dict(zip(STAGES, _reduce([medians[s] for s in STAGES], dist.ReduceOp.MAX), strict=True))
     traffic = layer.dispatcher.traffic.as_tensor()
     dist.all_reduce(traffic)
-    total_tokens = int(_reduce([float(x.shape[0])], dist.ReduceOp.SUM)[0])
+    total_tokens = int(_reduce([float(x.shape[0])], dist.ReduceOp.SUM)[0]) // tp
+    report = traffic_report(torch.div(traffic, cfg.runtime.iters, rounding_mode="floor"))
     summary: dict[str, Any] = {
         "world_size": rt.world_size,
         "nnodes": rt.topo.nnodes,
@@ -71,9 +75,12 @@ def run_layer(rt: Runtime, verify: bool) -> dict[str, Any]:
         "iters": cfg.runtime.iters,
         "timing_ms": slowest,
         "throughput_tokens_per_s": total_tokens / (slowest["total"] / 1e3) if slowest["total"] else 0.0,
-        "traffic_bytes": traffic_report(torch.div(traffic, cfg.runtime.iters, rounding_mode="floor")),
+        "traffic_bytes": report,
+        "traffic_bytes_per_token": {link: report[link] / max(total_tokens, 1) for link in ("intra_node", "inter_node")},
         "config": config_to_dict(cfg),
     }
+    if shared_modes:
+        summary["shared_modes"] = compare_shared_modes(layer, x, cfg.runtime.iters)
     if verify:
         summary["verify"] = verify_output(rt, cfg.runtime.seed, x, y)
     return summary
@@ -99,6 +106,13 @@ def format_summary(s: dict[str, Any]) -> str:
             f"{phase:<9}  intra-node {_mb(p['intra_node'])}  inter-node {_mb(p['inter_node'])}  "
             f"metadata {_mb(p['metadata'])}  (per layer, all ranks)"
         )
+    per_token = s["traffic_bytes_per_token"]
+    lines.append(
+        f"per token  intra-node {per_token['intra_node']:,.0f} B  inter-node {per_token['inter_node']:,.0f} B  "
+        f"(dispatch + combine payload)"
+    )
+    if "shared_modes" in s:
+        lines.append(format_shared_modes(s["shared_modes"]))
     if "verify" in s:
         v = s["verify"]
         verdict = "ok" if v["ok"] else "FAILED"
@@ -106,11 +120,11 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_main(cfg: Config, verify: bool, json_path: str | None) -> int:
+def run_main(cfg: Config, verify: bool, json_path: str | None, shared_modes: bool = False) -> int:
     """Entry point of ``epruntime run`` inside a launched rank; returns the exit status."""
     rt = init_runtime(cfg)
     rt.log(f"node {rt.node} local {rt.local_index}, experts {rt.topo.expert_range(rt.rank)}, launcher {rt.launcher}")
-    summary = run_layer(rt, verify)
+    summary = run_layer(rt, verify, shared_modes)
     if rt.rank == 0:
         print(format_summary(summary), flush=True)
         if json_path:

@@ -4,21 +4,14 @@ own elastic agent (c10d rendezvous on 127.0.0.1), without a separate ``torchrun`
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import uuid
 
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+from .bootstrap import free_port
 from .config import Config
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on ``host`` that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def launch_local(cfg: Config, run_args: list[str]) -> int:
@@ -43,9 +36,9 @@ def launch_local(cfg: Config, run_args: list[str]) -> int:
         elastic_launch(launch_config, sys.executable)("-m", "epruntime", "run", *run_args)
     except ChildFailedError as exc:
         failures = exc.failures
-        first = min(failures.values(), key=lambda f: f.timestamp)
+        rank, first = min(failures.items(), key=lambda item: item[1].timestamp)
         print(
-            f"epruntime launch: {len(failures)} of {world} ranks failed; first: rank {first.global_rank} "
+            f"epruntime launch: {len(failures)} of {world} ranks failed; first: rank {rank} "
             f"exited with status {first.exitcode}",
             file=sys.stderr,
         )

@@ -31,10 +31,13 @@ def _expert(sd: StateDict, cfg: MoEConfig, e: int) -> tuple[torch.Tensor, torch.
 
 
 @torch.no_grad()
-def reference_moe(x: torch.Tensor, sd: StateDict, cfg: MoEConfig) -> torch.Tensor:
-    """``y = sum_k w_k Expert_{idx_k}(x) + Shared(x)`` for all tokens ``x [T, H]``, computed in fp32."""
+def reference_moe(x: torch.Tensor, sd: StateDict, cfg: MoEConfig, experts_per_node: int | None = None) -> torch.Tensor:
+    """``y = sum_k w_k Expert_{idx_k}(x) + Shared(x)`` for all tokens ``x [T, H]``, computed in fp32.
+
+    ``experts_per_node`` is the placement's, needed only for node-limited routing.
+    """
     xf = x.float()  # [T, H]
-    topk_idx, topk_weights = route(xf, *gate_weights(sd, cfg), cfg)  # [T, K], [T, K]
+    topk_idx, topk_weights = route(xf, *gate_weights(sd, cfg), cfg, experts_per_node)  # [T, K], [T, K]
     y = torch.zeros_like(xf)  # [T, H]
     for e in torch.unique(topk_idx).tolist():
         hit = topk_idx == e  # [T, K]

@@ -14,12 +14,23 @@ STAGES = ("router", "dispatch", "experts", "combine", "shared", "total")
 
 
 class StageTimer:
-    """Records one duration per stage per forward; synchronizes CUDA around each stage when on GPU."""
+    """Records one duration per stage per forward (a stage entered twice in a forward is summed);
+    synchronizes CUDA around each stage when on GPU."""
 
     def __init__(self, device: torch.device) -> None:
         self.sync = device.type == "cuda"
         self.samples: dict[str, list[float]] = defaultdict(list)
+        self.pending: dict[str, float] = defaultdict(float)
         self.enabled = True
+
+    @contextmanager
+    def forward(self) -> Iterator[None]:
+        """One forward pass, timed as stage ``total``; its stage sums become one sample each."""
+        with self.stage("total"):
+            yield
+        for name, ms in self.pending.items():
+            self.samples[name].append(ms)
+        self.pending.clear()
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -32,7 +43,7 @@ class StageTimer:
         yield
         if self.sync:
             torch.cuda.synchronize()
-        self.samples[name].append((time.perf_counter() - start) * 1e3)
+        self.pending[name] += (time.perf_counter() - start) * 1e3
 
     def reset(self) -> None:
         self.samples.clear()

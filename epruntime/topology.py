@@ -28,6 +28,10 @@ class Topology:
     def experts_per_rank(self) -> int:
         return self.num_experts // self.world_size
 
+    @property
+    def experts_per_node(self) -> int:
+        return self.experts_per_rank * self.ranks_per_node
+
     def node_of(self, rank: int) -> int:
         return rank // self.ranks_per_node
 
@@ -53,4 +57,4 @@ class Topology:
 
     def node_of_expert(self, expert_ids: torch.Tensor) -> torch.Tensor:
         """Owning node of each global expert id (same shape as the input)."""
-        return torch.div(expert_ids, self.experts_per_rank * self.ranks_per_node, rounding_mode="floor")
+        return torch.div(expert_ids, self.experts_per_node, rounding_mode="floor")

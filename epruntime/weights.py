@@ -49,12 +49,19 @@ def random_state_dict(cfg: MoEConfig, seed: int, experts: Iterable[int] | None =
 
 
 def take(sd: StateDict, key: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """``sd[key]`` checked against ``shape``; a clear error naming the key otherwise."""
+    """``sd[key]`` checked against ``shape``; a clear error naming the key otherwise.
+
+    A mapping with a ``where(key)`` method (a checkpoint view) names the file in its errors too.
+    """
+    where = getattr(sd, "where", None)
     if key not in sd:
+        if where is not None:
+            raise KeyError(f"checkpoint has no {where(key)}")
         raise KeyError(f"state dict has no {key!r}; expected HuggingFace DeepSeek-V3 names relative to 'mlp.'")
     tensor = sd[key]
     if tuple(tensor.shape) != shape:
-        raise ValueError(f"state dict {key!r} has shape {tuple(tensor.shape)}, expected {shape}")
+        name = where(key) if where is not None else repr(key)
+        raise ValueError(f"state dict {name} has shape {tuple(tensor.shape)}, expected {shape}")
     return tensor
 
 

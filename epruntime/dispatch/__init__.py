@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 from ..runtime import Runtime
-from .base import DispatchResult, Dispatcher, Traffic, traffic_report
+from .auto import AutoDispatcher
+from .base import Dispatcher, DispatchResult, MaskedDispatchResult, Traffic, traffic_report
+from .deepep import DeepEPDispatcher, DeepEPLowLatencyDispatcher
 from .flat import FlatDispatcher
+from .hierarchical import HierarchicalDispatcher
+from .lowlatency import LowLatencyDispatcher
 
-BACKENDS: dict[str, type[Dispatcher]] = {"flat": FlatDispatcher}
+BACKENDS: dict[str, type[Dispatcher]] = {"flat": FlatDispatcher, "hierarchical": HierarchicalDispatcher}
+BACKENDS.update(
+    lowlatency=LowLatencyDispatcher,
+    deepep=DeepEPDispatcher,
+    deepep_low_latency=DeepEPLowLatencyDispatcher,
+    auto=AutoDispatcher,
+)
 
 
 def make_dispatcher(rt: Runtime, name: str | None = None) -> Dispatcher:
@@ -14,4 +24,12 @@ def make_dispatcher(rt: Runtime, name: str | None = None) -> Dispatcher:
     return BACKENDS[name or rt.cfg.runtime.dispatcher](rt)
 
 
-__all__ = ["BACKENDS", "DispatchResult", "Dispatcher", "Traffic", "make_dispatcher", "traffic_report"]
+__all__ = [
+    "BACKENDS",
+    "DispatchResult",
+    "Dispatcher",
+    "MaskedDispatchResult",
+    "Traffic",
+    "make_dispatcher",
+    "traffic_report",
+]

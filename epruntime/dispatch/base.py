@@ -3,12 +3,15 @@
 A dispatcher sends each token once to every rank that hosts at least one of its top-k experts
 (DeepEP's normal-mode layout) and, on combine, sums the per-rank results back into one row per
 source token. Combine is a plain sum: the expert stage has already applied the routing weights.
+The low-latency backends return :class:`MaskedDispatchResult` instead (DeepEP's low-latency
+layout: fixed capacity per local expert); there combine applies the weights.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +36,21 @@ class DispatchResult:
 
 
 @dataclass
+class MaskedDispatchResult:
+    """The low-latency layout (DeepEP's ``low_latency_dispatch``): a fixed-capacity block per local expert.
+
+    Expert ``e``'s valid rows are ``recv_x[e, :masked_m[e]]``, ordered by source rank; the rows after
+    them are unspecified and ignored. ``capacity = max_tokens_per_rank * world_size``, so no expert can
+    overflow. The expert stage returns the unweighted expert outputs in the same layout, and combine
+    applies the routing weights and sums them back to the source tokens.
+    """
+
+    recv_x: torch.Tensor  # [E_local, C, H] activation dtype
+    masked_m: torch.Tensor  # [E_local] int32 valid rows per local expert (DeepEP's recv_count)
+    handle: Any  # backend-specific: what combine needs to weight and send results back
+
+
+@dataclass
 class Traffic:
     """Bytes this rank sent, per phase and link; sends to itself cross no link and are not counted."""
 
@@ -50,11 +68,23 @@ class Traffic:
 
 def traffic_report(totals: torch.Tensor) -> dict[str, Any]:
     """Nested JSON form of a reduced :meth:`Traffic.as_tensor`: per phase, and per link overall."""
-    values = dict(zip([f"{p}.{l}" for p in PHASES for l in LINKS], totals.tolist()))
+    values = dict(zip([f"{p}.{l}" for p in PHASES for l in LINKS], totals.tolist(), strict=True))
     report: dict[str, Any] = {p: {l: values[f"{p}.{l}"] for l in LINKS} for p in PHASES}
     for link in LINKS:
         report[link] = sum(values[f"{p}.{link}"] for p in PHASES)
     return report
+
+
+def issue_all_to_all_rows(
+    rows: torch.Tensor,  # [P, *] rows ordered by destination
+    send_counts: list[int],
+    recv_counts: list[int],
+    group: dist.ProcessGroup,
+) -> tuple[torch.Tensor, dist.Work]:
+    """Start an uneven all-to-all of whole rows; the output ``[sum(recv_counts), *]`` is valid after wait."""
+    out = rows.new_empty((sum(recv_counts), *rows.shape[1:]))
+    work = dist.all_to_all_single(out, rows.contiguous(), recv_counts, send_counts, group=group, async_op=True)
+    return out, work
 
 
 def all_to_all_rows(
@@ -64,8 +94,8 @@ def all_to_all_rows(
     group: dist.ProcessGroup,
 ) -> torch.Tensor:  # [sum(recv_counts), *]
     """Uneven all-to-all of whole rows over ``group``."""
-    out = rows.new_empty((sum(recv_counts), *rows.shape[1:]))
-    dist.all_to_all_single(out, rows.contiguous(), recv_counts, send_counts, group=group)
+    out, work = issue_all_to_all_rows(rows, send_counts, recv_counts, group)
+    work.wait()
     return out
 
 
@@ -74,6 +104,40 @@ def exchange_counts(send_counts: torch.Tensor, group: dist.ProcessGroup) -> torc
     recv = torch.empty_like(send_counts)
     dist.all_to_all_single(recv, send_counts, group=group)
     return recv
+
+
+@dataclass
+class Hop:
+    """One uneven all-to-all over ``group``: which input row goes to which peer, and the split sizes.
+
+    Rows arrive grouped by sending peer, each peer's rows in its own order, so the position of a
+    received row says where it came from; :meth:`reduce_back` returns results along the same splits.
+    """
+
+    group: dist.ProcessGroup
+    peers: list[int]  # world rank of each group member, in group order
+    src_row: torch.Tensor  # [P] int64 input row of each sent row, ordered by destination
+    dest: torch.Tensor  # [P] int64 group-local destination of each sent row
+    send_counts: list[int]  # [D] rows sent to each peer
+    recv_counts: list[int]  # [D] rows received from each peer
+
+    @classmethod
+    def plan(cls, needs: torch.Tensor, group: dist.ProcessGroup, peers: list[int], device: torch.device) -> Hop:
+        """One sent row per True in ``needs [N, D]`` (input row n goes to peer d); exchanges the counts."""
+        dest, src_row = needs.t().nonzero(as_tuple=True)  # [P], [P] ordered by destination
+        send_counts = needs.sum(dim=0)  # [D] int64
+        recv_counts = exchange_counts(send_counts, group).tolist()
+        return cls(group, peers, src_row.to(device), dest.to(device), send_counts.tolist(), recv_counts)
+
+    def send(self, rows: torch.Tensor) -> torch.Tensor:  # [P, *] ordered by destination -> [R, *]
+        """Deliver the sent rows (already gathered by ``src_row``) to their peers."""
+        return all_to_all_rows(rows, self.send_counts, self.recv_counts, self.group)
+
+    def reduce_back(self, rows: torch.Tensor, num_rows: int) -> torch.Tensor:  # [R, H] -> [N, H] fp32
+        """Return each received row's result to its sender, which sums the results per input row in fp32."""
+        back = all_to_all_rows(rows, self.recv_counts, self.send_counts, self.group)  # [P, H]
+        out = torch.zeros(num_rows, rows.shape[1], dtype=torch.float32, device=rows.device)  # [N, H]
+        return out.index_add_(0, self.src_row, back.float())
 
 
 def pack_routing(local_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -91,6 +155,19 @@ def count_tokens_per_expert(recv_topk_idx: torch.Tensor, num_local_experts: int)
     """[E_local] number of (row, k) pairs routed to each local expert."""
     ids = recv_topk_idx[recv_topk_idx >= 0]
     return torch.bincount(ids, minlength=num_local_experts)
+
+
+@dataclass
+class InFlight:
+    """Collectives issued with ``async_op=True`` and what turns their buffers into the result."""
+
+    works: list[dist.Work]
+    finish: Callable[[], Any]
+
+    def wait(self) -> Any:
+        for work in self.works:
+            work.wait()
+        return self.finish()
 
 
 class Dispatcher(ABC):
@@ -115,10 +192,30 @@ class Dispatcher(ABC):
     def combine(self, y: torch.Tensor, handle: Any) -> torch.Tensor:
         """Sum the per-rank results ``y [R, H]`` back to ``[T, H]`` on the source ranks."""
 
-    def count_sends(self, phase: str, dest_ranks: list[int], counts: list[int], row_bytes: int, meta_bytes: int) -> None:
+    def dispatch_a(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> InFlight:
+        """Issue the dispatch; a backend that can returns before its last collective has finished."""
+        result = self.dispatch(x, topk_idx, topk_weights)
+        return InFlight([], lambda: result)
+
+    def dispatch_b(self, inflight: InFlight) -> DispatchResult:
+        """Wait for an issued dispatch and return its result."""
+        return inflight.wait()
+
+    def combine_a(self, y: torch.Tensor, handle: Any) -> InFlight:
+        """Issue the combine; a backend that can returns before its last collective has finished."""
+        out = self.combine(y, handle)
+        return InFlight([], lambda: out)
+
+    def combine_b(self, inflight: InFlight) -> torch.Tensor:
+        """Wait for an issued combine and return ``[T, H]``."""
+        return inflight.wait()
+
+    def count_sends(
+        self, phase: str, dest_ranks: list[int], counts: list[int], row_bytes: int, meta_bytes: int
+    ) -> None:
         """Add payload and metadata bytes sent to world ranks ``dest_ranks`` to the traffic counters."""
         topo, me = self.rt.topo, self.rt.rank
-        for dest, n in zip(dest_ranks, counts):
+        for dest, n in zip(dest_ranks, counts, strict=True):
             if dest == me or n == 0:
                 continue
             link = "intra_node" if topo.node_of(dest) == topo.node_of(me) else "inter_node"

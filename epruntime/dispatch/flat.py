@@ -6,24 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import (
-    DispatchResult,
-    Dispatcher,
-    all_to_all_rows,
-    count_tokens_per_expert,
-    exchange_counts,
-    pack_routing,
-    unpack_routing,
-)
+from .base import Dispatcher, DispatchResult, Hop, count_tokens_per_expert, pack_routing, unpack_routing
 
 
 @dataclass
 class FlatHandle:
-    """What combine needs: which source token each sent row was, and the split sizes."""
+    """What combine needs: the world hop of the dispatch and the number of source tokens."""
 
-    send_token: torch.Tensor  # [P] int64 source token of each sent row, ordered by destination rank
-    send_counts: list[int]  # [W] rows sent to each rank
-    recv_counts: list[int]  # [W] rows received from each rank
+    hop: Hop
     num_tokens: int
 
 
@@ -46,31 +36,23 @@ class FlatDispatcher(Dispatcher):
 
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
         world, e_local = self.rt.world_size, self.rt.topo.experts_per_rank
-        group = self.rt.world_group
         needs = destinations(topk_idx.cpu(), e_local, world)  # [T, W]
-        dest_rank, send_token = needs.t().nonzero(as_tuple=True)  # [P], [P] ordered by destination
-        send_counts = needs.sum(dim=0)  # [W]
-        recv_counts = exchange_counts(send_counts, group).tolist()
-        send_counts = send_counts.tolist()
-        send_token = send_token.to(x.device)
-        routing = pack_routing(
-            localize(topk_idx[send_token], dest_rank.to(x.device) * e_local, e_local), topk_weights[send_token]
-        )  # [P, 2K] int32
-        recv_x = all_to_all_rows(x[send_token], send_counts, recv_counts, group)  # [R, H]
-        recv_idx, recv_weights = unpack_routing(all_to_all_rows(routing, send_counts, recv_counts, group))
-        ranks = list(range(world))
-        self.count_sends("dispatch", ranks, send_counts, x.shape[1] * x.element_size(), routing.shape[1] * 4)
+        hop = Hop.plan(needs, self.rt.world_group, list(range(world)), x.device)
+        rows = hop.src_row
+        routing = pack_routing(localize(topk_idx[rows], hop.dest * e_local, e_local), topk_weights[rows])  # [P, 2K]
+        recv_x = hop.send(x[rows])  # [R, H]
+        recv_idx, recv_weights = unpack_routing(hop.send(routing))  # [R, K], [R, K]
+        self.count_sends("dispatch", hop.peers, hop.send_counts, x.shape[1] * x.element_size(), routing.shape[1] * 4)
         return DispatchResult(
             recv_x=recv_x,
             recv_topk_idx=recv_idx,
             recv_topk_weights=recv_weights,
             tokens_per_expert=count_tokens_per_expert(recv_idx, e_local),
-            handle=FlatHandle(send_token, send_counts, recv_counts, x.shape[0]),
+            handle=FlatHandle(hop, x.shape[0]),
         )
 
     def combine(self, y: torch.Tensor, handle: FlatHandle) -> torch.Tensor:
-        back = all_to_all_rows(y, handle.recv_counts, handle.send_counts, self.rt.world_group)  # [P, H]
-        self.count_sends("combine", list(range(self.rt.world_size)), handle.recv_counts, y.shape[1] * y.element_size(), 0)
-        out = torch.zeros(handle.num_tokens, y.shape[1], dtype=torch.float32, device=y.device)  # [T, H]
-        out.index_add_(0, handle.send_token, back.float())
+        hop = handle.hop
+        out = hop.reduce_back(y, handle.num_tokens)  # [T, H] fp32
+        self.count_sends("combine", hop.peers, hop.recv_counts, y.shape[1] * y.element_size(), 0)
         return out.to(y.dtype)

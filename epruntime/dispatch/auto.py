@@ -1,0 +1,71 @@
+"""``auto``: the normal backend for prefill-sized batches, the low-latency backend for decode-sized ones.
+
+Decode-sized means every rank of the call has at most ``runtime.max_tokens_per_rank`` tokens: the
+ranks agree on their largest batch with one all-reduce (MAX) per call, so all of them pick the same
+backend. On GPUs the pair is DeepEP's (``deepep`` / ``deepep_low_latency``); on CPU it is ``flat`` /
+``lowlatency``, so the policy itself runs in the CPU tests. That all-reduce reads a count on the
+host, so a decode step captured in a CUDA graph names ``deepep_low_latency`` (or ``lowlatency``)
+directly instead of ``auto``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..runtime import Runtime
+from .base import Dispatcher, DispatchResult, InFlight, MaskedDispatchResult
+from .deepep import DeepEPDispatcher, DeepEPLowLatencyDispatcher
+from .flat import FlatDispatcher
+from .lowlatency import LowLatencyDispatcher
+
+
+@dataclass
+class AutoHandle:
+    """The backend that dispatched, and its handle."""
+
+    backend: Dispatcher
+    handle: Any
+
+
+class AutoDispatcher(Dispatcher):
+    """Picks the low-latency backend when the largest batch of the call fits its capacity."""
+
+    name = "auto"
+
+    def __init__(self, rt: Runtime) -> None:
+        super().__init__(rt)
+        gpu = rt.device.type == "cuda"
+        self.normal = (DeepEPDispatcher if gpu else FlatDispatcher)(rt)
+        self.low_latency = (DeepEPLowLatencyDispatcher if gpu else LowLatencyDispatcher)(rt)
+        self.normal.traffic = self.low_latency.traffic = self.traffic
+        self.threshold = rt.cfg.runtime.max_tokens_per_rank
+
+    def pick(self, num_tokens: int) -> Dispatcher:
+        """The backend for a call where this rank has ``num_tokens`` tokens (collective over the world)."""
+        largest = torch.tensor([num_tokens], dtype=torch.int64, device=self.rt.device)
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=self.rt.world_group)
+        return self.low_latency if int(largest.item()) <= self.threshold else self.normal
+
+    def dispatch_a(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> InFlight:
+        backend = self.pick(x.shape[0])
+        inflight = backend.dispatch_a(x, topk_idx, topk_weights)
+
+        def finish() -> DispatchResult | MaskedDispatchResult:
+            result = backend.dispatch_b(inflight)
+            result.handle = AutoHandle(backend, result.handle)
+            return result
+
+        return InFlight([], finish)
+
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> Any:
+        return self.dispatch_b(self.dispatch_a(x, topk_idx, topk_weights))
+
+    def combine_a(self, y: torch.Tensor, handle: AutoHandle) -> InFlight:
+        return handle.backend.combine_a(y, handle.handle)
+
+    def combine(self, y: torch.Tensor, handle: AutoHandle) -> torch.Tensor:
+        return self.combine_b(self.combine_a(y, handle))

@@ -1,0 +1,80 @@
+"""``hierarchical``: two-stage dispatch, inter-node over the rail group, then intra-node.
+
+Dispatch, stage 1: each token goes once to each node hosting one of its experts, to the rank
+with the source's local index there (an all-to-all over the rail group, in node order), with its
+global top-k ids and weights; tokens for the source's own node stay on the source rank (the
+rail all-to-all's self split is a local copy). Stage 2: each receiving rank forwards each of
+those rows once to each rank of its node that hosts one of the row's experts (an all-to-all over
+the intra group, in local-index order), with the ids made local to that rank.
+
+Combine runs the hops backwards: each rank returns its results to the forwarder, which sums them
+into one partial per (source token, node); the partials go back over the rail and the source
+sums them. Where a row came from is its position in the receive buffer (rows arrive grouped by
+sender, in the sender's order), so no source index travels. Inter-node rows per token equal the
+number of distinct remote nodes among its experts instead of the number of distinct remote ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import Dispatcher, DispatchResult, Hop, count_tokens_per_expert, pack_routing, unpack_routing
+from .flat import destinations, localize
+
+
+@dataclass
+class HierarchicalHandle:
+    """What combine needs: both hops, and how many rows each hop started from."""
+
+    rail: Hop  # source tokens -> one forwarder per destination node
+    intra: Hop  # forwarded rows -> expert ranks of the forwarder's node
+    num_tokens: int
+    num_forwarded: int
+
+
+class HierarchicalDispatcher(Dispatcher):
+    """Inter-node once per (token, node) over the rail, then intra-node once per (token, rank)."""
+
+    name = "hierarchical"
+
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
+        rt, topo = self.rt, self.rt.topo
+        e_local, row_bytes = topo.experts_per_rank, x.shape[1] * x.element_size()
+        rail = Hop.plan(
+            destinations(topk_idx.cpu(), topo.experts_per_node, topo.nnodes),  # [T, N]
+            rt.rail_group,
+            topo.rail_ranks(rt.local_index),
+            x.device,
+        )
+        rail_routing = pack_routing(topk_idx[rail.src_row], topk_weights[rail.src_row])  # [P1, 2K] global ids
+        fwd_x = rail.send(x[rail.src_row])  # [F, H]
+        fwd_idx, fwd_weights = unpack_routing(rail.send(rail_routing))  # [F, K] global ids, [F, K]
+        self.count_sends("dispatch", rail.peers, rail.send_counts, row_bytes, rail_routing.shape[1] * 4)
+
+        node_ranks = topo.node_ranks(rt.node)
+        needs = destinations(fwd_idx.cpu(), e_local, topo.world_size)[:, node_ranks[0] : node_ranks[-1] + 1]  # [F, L]
+        intra = Hop.plan(needs, rt.intra_group, node_ranks, x.device)
+        first_expert = (node_ranks[0] + intra.dest) * e_local  # [P2]
+        routing = pack_routing(
+            localize(fwd_idx[intra.src_row], first_expert, e_local), fwd_weights[intra.src_row]
+        )  # [P2, 2K] local ids
+        recv_x = intra.send(fwd_x[intra.src_row])  # [R, H]
+        recv_idx, recv_weights = unpack_routing(intra.send(routing))  # [R, K], [R, K]
+        self.count_sends("dispatch", intra.peers, intra.send_counts, row_bytes, routing.shape[1] * 4)
+        return DispatchResult(
+            recv_x=recv_x,
+            recv_topk_idx=recv_idx,
+            recv_topk_weights=recv_weights,
+            tokens_per_expert=count_tokens_per_expert(recv_idx, e_local),
+            handle=HierarchicalHandle(rail, intra, x.shape[0], fwd_x.shape[0]),
+        )
+
+    def combine(self, y: torch.Tensor, handle: HierarchicalHandle) -> torch.Tensor:
+        row_bytes = y.shape[1] * y.element_size()
+        partial = handle.intra.reduce_back(y, handle.num_forwarded).to(y.dtype)  # [F, H] one per (token, node)
+        self.count_sends("combine", handle.intra.peers, handle.intra.recv_counts, row_bytes, 0)
+        out = handle.rail.reduce_back(partial, handle.num_tokens)  # [T, H] fp32
+        self.count_sends("combine", handle.rail.peers, handle.rail.recv_counts, row_bytes, 0)
+        return out.to(y.dtype)

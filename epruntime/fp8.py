@@ -1,0 +1,179 @@
+"""FP8 e4m3 with 128 x 128 block scales (DeepSeek-V3's checkpoint format) and DeepGEMM's FP8 grouped GEMMs.
+
+A block-quantized weight ``[..., N, K]`` (float8_e4m3fn) comes with ``scale_inv [..., ceil(N/128),
+ceil(K/128)]`` fp32: the real value of every element is ``weight * scale_inv`` of its block (the
+checkpoint's ``weight_scale_inv`` is that multiplier, and DeepGEMM takes it as the weight's scale
+factor as is). Activations for DeepGEMM are quantized per token and 128 channels (1 x 128 groups).
+Quantization, dequantization and the contiguous-layout arithmetic run on CPU; the DeepGEMM calls
+need a Hopper (SM90) GPU and the ``deep_gemm`` package.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .config import Config
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+BLOCK = (128, 128)  # DeepSeek-V3's weight_block_size
+TOKEN_GROUP = 128  # channels per activation scale (DeepGEMM's 1 x 128 recipe)
+
+
+@dataclass
+class Fp8Block:
+    """A block-quantized weight: FP8 values and the fp32 multiplier of each block."""
+
+    weight: torch.Tensor  # [..., N, K] float8_e4m3fn
+    scale_inv: torch.Tensor  # [..., ceil(N/128), ceil(K/128)] fp32
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.weight.shape
+
+    def to(self, device: torch.device | str) -> Fp8Block:
+        """The same weight on ``device``."""
+        return Fp8Block(self.weight.to(device), self.scale_inv.to(device))
+
+
+def _block_view(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """``[..., N, K]`` zero-padded to whole blocks, viewed as ``[..., N/bn, bn, K/bk, bk]``."""
+    (n, k), (bn, bk) = x.shape[-2:], block
+    padded = torch.nn.functional.pad(x, (0, -k % bk, 0, -n % bn))
+    return padded.view(*x.shape[:-2], padded.shape[-2] // bn, bn, padded.shape[-1] // bk, bk)
+
+
+def dequantize_block_fp8(
+    weight: torch.Tensor,  # [..., N, K] float8_e4m3fn
+    scale_inv: torch.Tensor,  # [..., ceil(N/bn), ceil(K/bk)] fp32
+    block: tuple[int, int] = BLOCK,
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:  # [..., N, K] dtype
+    """Real values of a block-quantized weight: every ``bn x bk`` block times its ``scale_inv``, in fp32."""
+    n, k = weight.shape[-2:]
+    nb, kb = math.ceil(n / block[0]), math.ceil(k / block[1])
+    if scale_inv.shape[-2:] != (nb, kb):
+        raise ValueError(
+            f"dequantize_block_fp8: scale_inv has shape {tuple(scale_inv.shape)} but a {n}x{k} weight in "
+            f"{block[0]}x{block[1]} blocks needs [..., {nb}, {kb}]; check weight_block_size"
+        )
+    blocks = _block_view(weight.float(), block) * scale_inv.float()[..., :, None, :, None]
+    return blocks.flatten(-4, -3).flatten(-2, -1)[..., :n, :k].to(dtype)
+
+
+def quantize_block_fp8(weight: torch.Tensor, block: tuple[int, int] = BLOCK) -> Fp8Block:
+    """Quantize ``[..., N, K]`` to FP8 with one scale per ``bn x bk`` block (the block's amax maps to 448)."""
+    n, k = weight.shape[-2:]
+    blocks = _block_view(weight.float(), block)  # [..., nb, bn, kb, bk]
+    scale = blocks.abs().amax(dim=(-3, -1), keepdim=True).clamp(min=1e-12) / FP8_MAX  # [..., nb, 1, kb, 1]
+    q = (blocks / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).flatten(-4, -3).flatten(-2, -1)[..., :n, :k]
+    return Fp8Block(q.contiguous(), scale[..., :, 0, :, 0].contiguous())
+
+
+def quantize_per_token_fp8(x: torch.Tensor, group: int = TOKEN_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [M, K]`` -> FP8 ``[M, K]`` and fp32 scales ``[M, ceil(K/group)]`` (one per token and ``group`` channels)."""
+    m, k = x.shape
+    groups = torch.nn.functional.pad(x.float(), (0, -k % group)).view(m, -1, group)  # [M, kb, group]
+    scale = groups.abs().amax(dim=2, keepdim=True).clamp(min=1e-4) / FP8_MAX  # [M, kb, 1]
+    q = (groups / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(m, -1)[:, :k]
+    return q.contiguous(), scale.squeeze(2)
+
+
+def aligned_layout(counts: torch.Tensor, alignment: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepGEMM's contiguous layout for expert-sorted rows with ``counts [E]`` per expert.
+
+    Returns where each row goes (``dest [N]``) in a buffer whose expert segments start at multiples of
+    ``alignment``, and that buffer's ``m_indices [M_pad]`` int32: the expert of each row, -1 on padding.
+    """
+    counts = counts.long()
+    padded = torch.div(counts + alignment - 1, alignment, rounding_mode="floor") * alignment  # [E]
+    start = torch.cumsum(padded, 0) - padded  # [E] first buffer row of each expert
+    first = torch.cumsum(counts, 0) - counts  # [E] first sorted row of each expert
+    expert = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)  # [N]
+    rank_in_expert = torch.arange(len(expert), device=counts.device) - first[expert]  # [N]
+    dest = start[expert] + rank_in_expert  # [N]
+    m_indices = torch.full((int(padded.sum()),), -1, dtype=torch.int32, device=counts.device)
+    m_indices[dest] = expert.to(torch.int32)
+    return dest, m_indices
+
+
+def deep_gemm_import_error() -> str | None:
+    """Why ``import deep_gemm`` fails here, or None when it works."""
+    try:
+        import deep_gemm  # noqa: F401
+    except Exception as exc:  # an ImportError, or a CUDA error from a build that does not match this machine
+        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return None
+
+
+def check_deep_gemm(cfg: Config) -> None:
+    """``runtime.grouped_gemm: deep_gemm`` needs the package, a Hopper GPU and 128-aligned shapes."""
+    from .config import ConfigError
+
+    reason = deep_gemm_import_error()
+    if reason is not None:
+        raise ConfigError(
+            f"runtime.grouped_gemm: deep_gemm needs DeepGEMM, but import deep_gemm failed ({reason}); use the GPU "
+            f"image (docker/README.md) or pip install DeepGEMM from source, or set runtime.grouped_gemm=auto"
+        )
+    major, _ = torch.cuda.get_device_capability()
+    if major != 9:
+        raise ConfigError(
+            f"runtime.grouped_gemm: deep_gemm is wired for Hopper (SM90) FP32 block scales, this GPU is SM{major}x; "
+            f"set runtime.grouped_gemm=auto"
+        )
+    m = cfg.model
+    intermediate = m.moe_intermediate_size // cfg.runtime.moe_tp
+    if m.hidden_size % 128 or intermediate % 128:
+        raise ConfigError(
+            f"runtime.grouped_gemm: deep_gemm needs model.hidden_size ({m.hidden_size}) and the per-rank "
+            f"moe_intermediate_size ({intermediate}) to be multiples of 128; set runtime.grouped_gemm=auto"
+        )
+
+
+def deep_gemm_grouped_contiguous(
+    x: torch.Tensor,  # [N, K] bf16 rows in expert-contiguous order
+    w: Fp8Block,  # [E, D_out, K]
+    counts: torch.Tensor,  # [E] rows per expert
+) -> torch.Tensor:  # [N, D_out] bf16
+    """Per-expert ``x_e @ w_e.T`` through ``deep_gemm.m_grouped_fp8_gemm_nt_contiguous`` (rows re-laid aligned)."""
+    import deep_gemm
+
+    if x.shape[0] == 0:
+        return x.new_empty(0, w.shape[1])
+    dest, m_indices = aligned_layout(counts, deep_gemm.get_mk_alignment_for_contiguous_layout())
+    padded = x.new_zeros(len(m_indices), x.shape[1])  # [M_pad, K]; zero padding keeps its scales regular
+    padded[dest] = x
+    out = torch.empty(len(m_indices), w.shape[1], dtype=torch.bfloat16, device=x.device)  # [M_pad, D_out]
+    deep_gemm.m_grouped_fp8_gemm_nt_contiguous(
+        quantize_per_token_fp8(padded), (w.weight, w.scale_inv), out, m_indices, disable_ue8m0_cast=True
+    )
+    return out[dest]
+
+
+def deep_gemm_grouped_masked(
+    x: torch.Tensor,  # [E, C, K] bf16; rows past masked_m[e] are ignored
+    w: Fp8Block,  # [E, D_out, K]
+    masked_m: torch.Tensor,  # [E] int32 valid rows per expert
+    expected_m: int,  # typical valid rows per expert (a tuning hint)
+) -> torch.Tensor:  # [E, C, D_out] bf16, rows past masked_m[e] unspecified
+    """Per-expert ``x_e[:m_e] @ w_e.T`` through ``deep_gemm.m_grouped_fp8_gemm_nt_masked``: no host sync."""
+    import deep_gemm
+
+    e, c, k = x.shape
+    q, scale = quantize_per_token_fp8(x.reshape(e * c, k))
+    out = torch.empty(e, c, w.shape[1], dtype=torch.bfloat16, device=x.device)
+    deep_gemm.m_grouped_fp8_gemm_nt_masked(
+        (q.view(e, c, k), scale.view(e, c, -1)),
+        (w.weight, w.scale_inv),
+        out,
+        masked_m.to(torch.int32),
+        max(1, expected_m),
+        disable_ue8m0_cast=True,
+    )
+    return out

@@ -1,0 +1,171 @@
+"""Reading HF DeepSeek-V3 safetensors: a layer's own experts only, FP8 block dequantization, clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from epruntime.checkpoint import CheckpointError, CheckpointReader, checkpoint_weight_bytes, dequantize_fp8
+from epruntime.topology import Topology
+from epruntime.weights import expert_weights, gate_weights, shared_weights
+from tests.tiny_checkpoints import MOE_LAYERS, TINY, quantize_blocks, write_checkpoints
+
+E, LAYER = TINY["n_routed_experts"], MOE_LAYERS[0]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_checkpoints(tmp_path_factory.mktemp("ckpt"))
+
+
+def _load_layer(reader: CheckpointReader, experts: range) -> tuple[torch.Tensor, ...]:
+    cfg = reader.moe_config()
+    view = reader.moe_layer(LAYER, cfg)
+    return (*expert_weights(view, cfg, experts), *gate_weights(view, cfg), *shared_weights(view, cfg))
+
+
+def _expert_keys(experts: range, suffixes: tuple[str, ...] = ("",)) -> set[str]:
+    return {
+        f"model.layers.{LAYER}.mlp.experts.{e}.{p}_proj.weight{s}"
+        for e in experts
+        for p in ("gate", "up", "down")
+        for s in suffixes
+    }
+
+
+@pytest.mark.parametrize("name", ["sharded", "fp8"])
+def test_layer_reads_only_its_experts_and_their_shards(ckpts: dict[str, Path], name: str) -> None:
+    mine = range(4, 6)
+    with CheckpointReader(ckpts[name]) as reader:
+        w13, w2, gate, bias, s13, s2 = _load_layer(reader, mine)
+        log, weight_map = reader.log, reader.weight_map
+    suffixes = ("", "_scale_inv") if name == "fp8" else ("",)
+    prefix = f"model.layers.{LAYER}.mlp."
+    shared = {f"{prefix}shared_experts.{p}_proj.weight{s}" for p in ("gate", "up", "down") for s in suffixes}
+    gate_keys = {f"{prefix}gate.weight", f"{prefix}gate.e_score_correction_bias"}
+    assert set(log.keys) == _expert_keys(mine, suffixes) | shared | gate_keys
+    assert log.files == {weight_map[k] for k in log.keys}  # no other shard is even opened
+    assert len(log.files) < len(set(weight_map.values()))
+    assert log.bytes == sum(log.keys.values()) > 0
+    # The values: the experts as saved (fp8: dequantized exactly), stacked gate rows then up rows.
+    exact = load_file(ckpts["fp8_dequantized" if name == "fp8" else "single"] / "model.safetensors")
+    key = f"{prefix}experts.5."
+    assert torch.equal(w13[1], torch.cat([exact[key + "gate_proj.weight"], exact[key + "up_proj.weight"]]))
+    assert torch.equal(w2[1], exact[key + "down_proj.weight"])
+    assert torch.equal(gate, exact[prefix + "gate.weight"])
+    assert torch.equal(bias, exact[prefix + "gate.e_score_correction_bias"])
+    assert w13.shape == (2, 2 * TINY["moe_intermediate_size"], TINY["hidden_size"]) and s13.dim() == s2.dim() == 2
+
+
+def test_dequantize_fp8_partial_blocks(tmp_path: Path) -> None:
+    w = torch.randn(300, 200, generator=torch.Generator().manual_seed(0))
+    q, scale, exact = quantize_blocks(w)  # 3 x 2 blocks of 128, the last ones partial
+    assert scale.shape == (3, 2)
+    assert torch.equal(dequantize_fp8(q, scale, (128, 128), torch.float32), exact)
+    assert (exact - w).abs().max() <= 0.07 * w.abs().max()  # e4m3 keeps ~2 significant digits
+    (tmp_path / "config.json").write_text("{}")
+    save_file(
+        {
+            "w.weight": q,
+            "w.weight_scale_inv": scale,
+            "bad.weight": q.clone(),
+            "bad.weight_scale_inv": scale[:2].clone(),
+        },
+        str(tmp_path / "model.safetensors"),
+    )
+    reader = CheckpointReader(tmp_path)
+    assert torch.equal(reader.tensor("w.weight", torch.float32), exact)
+    assert reader.tensor("w.weight", torch.bfloat16).dtype == torch.bfloat16
+    with pytest.raises(
+        CheckpointError,
+        match=r"'bad.weight_scale_inv' in .*model.safetensors has shape \(2, 2\), "
+        r"expected \(3, 2\)",
+    ):
+        reader.tensor("bad.weight", torch.float32)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_truncated_shard_is_a_clear_error(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    path = _copy(ckpts["sharded"], tmp_path / "ckpt")
+    weight_map = CheckpointReader(path).weight_map
+    shard = path / weight_map[f"model.layers.{LAYER}.mlp.experts.5.up_proj.weight"]
+    for keep in (shard.stat().st_size // 2, 6):  # data cut off; header cut off
+        shard.write_bytes(shard.read_bytes()[:keep])
+        with pytest.raises(CheckpointError, match=rf"{shard.name}: unreadable safetensors.*truncated or corrupt"):
+            _load_layer(CheckpointReader(path), range(4, 6))
+
+
+def test_missing_expert_key_names_key_and_file(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    key = f"model.layers.{LAYER}.mlp.experts.5.up_proj.weight"
+    single = _copy(ckpts["single"], tmp_path / "single")
+    tensors = load_file(single / "model.safetensors")
+    del tensors[key]
+    save_file(tensors, str(single / "model.safetensors"))
+    with pytest.raises(KeyError, match=rf"no '{key}', absent from {single}/model.safetensors"):
+        _load_layer(CheckpointReader(single), range(4, 6))
+    _load_layer(CheckpointReader(single), range(0, 4))  # other ranks do not need it
+
+    sharded = _copy(ckpts["sharded"], tmp_path / "sharded")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    del index["weight_map"][key]
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(KeyError, match=rf"no '{key}', absent from {sharded}/model.safetensors.index.json"):
+        _load_layer(CheckpointReader(sharded), range(4, 6))
+
+
+def test_wrongly_shaped_tensor_names_key_file_and_shapes(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    key = f"model.layers.{LAYER}.mlp.experts.5.up_proj.weight"
+    single = _copy(ckpts["single"], tmp_path / "single")
+    tensors = load_file(single / "model.safetensors")
+    tensors[key] = tensors[key][:-1].clone()
+    save_file(tensors, str(single / "model.safetensors"))
+    with pytest.raises(
+        ValueError,
+        match=rf"'{key}' in {single}/model.safetensors has shape \(31, 64\), "
+        rf"expected \(32, 64\)",
+    ):
+        _load_layer(CheckpointReader(single), range(4, 6))
+
+
+def test_only_safetensors_and_moe_layers(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not unpickled")
+    with pytest.raises(CheckpointError, match=r"nothing is unpickled\), found pytorch_model\.bin"):
+        CheckpointReader(tmp_path)
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        CheckpointReader(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"empty/config\.json: missing"):
+        CheckpointReader(tmp_path / "empty")
+    reader = CheckpointReader(ckpts["single"])
+    cfg = reader.moe_config()
+    with pytest.raises(CheckpointError, match=r"layer 0 is not an MoE layer .*first_k_dense_replace=1"):
+        reader.moe_layer(0, cfg)
+    wrong = dataclasses.replace(cfg, num_experts_per_tok=2)
+    with pytest.raises(CheckpointError, match=r"num_experts_per_tok=2 \(checkpoint 4\)"):
+        reader.moe_layer(LAYER, wrong)
+
+
+def test_checkpoint_weight_bytes_from_headers(ckpts: dict[str, Path]) -> None:
+    all_bytes = sum(t.numel() * 4 for t in load_file(ckpts["single"] / "model.safetensors").values())
+    per_expert = 3 * TINY["moe_intermediate_size"] * TINY["hidden_size"] * 4 * len(MOE_LAYERS)
+    topo = Topology(2, 2, E)
+    plans = [checkpoint_weight_bytes(ckpts["sharded"], r, topo) for r in range(4)]
+    assert checkpoint_weight_bytes(ckpts["single"], 0, Topology(1, 1, E))["total"] == all_bytes
+    assert all(p["routed_experts"] == per_expert * E // 4 for p in plans)
+    assert all(p["total"] == all_bytes - per_expert * E * 3 // 4 for p in plans)
+    assert checkpoint_weight_bytes(ckpts["fp8"], 1, topo) == plans[1]  # FP8 counts at the compute dtype
+    half = checkpoint_weight_bytes(ckpts["fp8"], 1, topo, torch.bfloat16)
+    gates = len(MOE_LAYERS) * (E * TINY["hidden_size"] + E) * 4  # the router stays in fp32
+    assert half["routed_experts"] * 2 == plans[1]["routed_experts"]
+    assert (half["replicated"] - gates) * 2 == plans[1]["replicated"] - gates
