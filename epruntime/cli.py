@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError, check_environment, load_config
+from .config import DISPATCHERS, SHARED_EXPERT_MODES, Config, ConfigError, check_environment, load_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,6 +32,20 @@ def _parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", parents=[config_args], help="print placement, memory and expected traffic; no launch")
     plan.add_argument("--samples", type=int, default=4096, help="routes sampled to estimate traffic (default 4096)")
     plan.add_argument("--json", dest="json_path", help="write the plan as JSON to this path")
+    bench = sub.add_parser(
+        "bench", parents=[config_args], help="sweep tokens, dispatchers and shared-expert modes against peers"
+    )
+    bench.add_argument("--tokens", help="tokens per rank to sweep, e.g. 128,512 (default: runtime.tokens_per_rank)")
+    bench.add_argument("--dispatchers", help="e.g. flat,hierarchical (default: runtime.dispatcher)")
+    bench.add_argument("--shared", help="shared-expert modes, e.g. overlap,serial (default: runtime.shared_expert)")
+    bench.add_argument("--reps", type=int, default=5, help="timed repetitions per case; medians are reported")
+    bench.add_argument(
+        "--json", dest="json_path", default="out/bench.json", help="JSON output (default out/bench.json)"
+    )
+    bench.add_argument("--plot", default="out/bench.png", help="PNG of stacked stage times ('' for none)")
+    bench.add_argument(
+        "--single-rank-baseline", action="store_true", help="also time one rank on all tokens and experts"
+    )
     gen = sub.add_parser("generate", help="greedy decoding with a HF DeepSeek-V3 checkpoint (in each launched rank)")
     gen.add_argument("--checkpoint", required=True, help="HF DeepSeek-V3 directory: config.json and safetensors")
     gen.add_argument("--prompt-ids", action="append", required=True, metavar="ID,ID,...", help="a prompt (repeatable)")
@@ -56,6 +70,39 @@ def _run_args(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def _split(text: str | None, default: str) -> list[str]:
+    return [item.strip() for item in (text or default).split(",") if item.strip()]
+
+
+def _bench(cfg: Config, args: argparse.Namespace, argv: list[str]) -> int:
+    """``bench`` inside a launcher, or started on this machine's ranks when there is none."""
+    from .runtime import detect_launcher
+
+    if detect_launcher().launcher == "none" and cfg.topology.world_size > 1:
+        from .launch import launch_local
+
+        return launch_local(cfg, argv)
+    from .bench import bench_main
+
+    run = cfg.runtime
+    try:
+        tokens = [int(t) for t in _split(args.tokens, str(run.tokens_per_rank))]
+    except ValueError:
+        raise ConfigError(f"--tokens {args.tokens!r}: expected integers separated by commas, e.g. 128,512") from None
+    dispatchers = _split(args.dispatchers, run.dispatcher)
+    shared = _split(args.shared, run.shared_expert)
+    for name, value, choices in (
+        ("--dispatchers", dispatchers, DISPATCHERS),
+        ("--shared", shared, SHARED_EXPERT_MODES),
+    ):
+        bad = [v for v in value if v not in choices]
+        if bad:
+            raise ConfigError(f"{name}: unknown {', '.join(bad)}; choose from {', '.join(choices)}")
+    return bench_main(
+        cfg, tokens, dispatchers, shared, args.reps, args.json_path, args.plot or None, args.single_rank_baseline
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run it; config errors exit with status 2 and one line."""
     args = _parser().parse_args(argv)
@@ -70,10 +117,12 @@ def main(argv: list[str] | None = None) -> int:
 
             return plan_main(cfg, args.samples, args.json_path)
         check_environment(cfg)
+        if args.command == "bench":
+            return _bench(cfg, args, argv if argv is not None else sys.argv[1:])
         if args.command == "launch":
             from .launch import launch_local
 
-            return launch_local(cfg, _run_args(args))
+            return launch_local(cfg, ["run", *_run_args(args)])
         from .job import run_main
 
         return run_main(cfg, args.verify, args.json_path, args.shared_modes)

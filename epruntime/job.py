@@ -46,37 +46,50 @@ def verify_output(rt: Runtime, layer_seed: int, x: torch.Tensor, y: torch.Tensor
     return {"max_abs_err": err, "max_rel_err": rel, "tolerance": tol, "ok": rel <= tol}
 
 
-def run_layer(rt: Runtime, verify: bool, shared_modes: bool = False) -> dict[str, Any]:
-    """Warm up, time ``runtime.iters`` forwards and gather the summary (every rank returns it)."""
-    cfg = rt.cfg
-    layer = EPMoE.random(cfg.model, rt, seed=cfg.runtime.seed)
-    tp = cfg.runtime.moe_tp  # the ranks of one expert-TP group share their tokens
-    x = synthetic_tokens(cfg, rt.rank // tp).to(rt.device)
-    for _ in range(cfg.runtime.warmup):
+def measure_layer(layer: EPMoE, x: torch.Tensor, warmup: int, iters: int) -> tuple[dict[str, Any], torch.Tensor]:
+    """Warm up, time ``iters`` forwards; stage medians of the slowest rank, traffic per layer, tokens/s.
+
+    Every rank must call it; every rank gets the same figures, and its own last output.
+    """
+    tp = layer.parallel.tp_size  # the ranks of one expert-TP group share their tokens
+    for _ in range(warmup):
         layer(x)
     layer.timer.reset()
     layer.dispatcher.traffic.reset()
-    for _ in range(cfg.runtime.iters):
+    for _ in range(iters):
         y = layer(x)
     medians = layer.timer.medians_ms()
     slowest = dict(zip(STAGES, _reduce([medians[s] for s in STAGES], dist.ReduceOp.MAX), strict=True))
     traffic = layer.dispatcher.traffic.as_tensor()
     dist.all_reduce(traffic)
     total_tokens = int(_reduce([float(x.shape[0])], dist.ReduceOp.SUM)[0]) // tp
-    report = traffic_report(torch.div(traffic, cfg.runtime.iters, rounding_mode="floor"))
-    summary: dict[str, Any] = {
-        "world_size": rt.world_size,
-        "nnodes": rt.topo.nnodes,
-        "ranks_per_node": rt.topo.ranks_per_node,
+    report = traffic_report(torch.div(traffic, iters, rounding_mode="floor"))
+    stats = {
         "dispatcher": layer.dispatcher.name,
-        "dtype": cfg.model.dtype,
-        "tokens_per_rank": cfg.runtime.tokens_per_rank,
+        "shared_expert": layer.shared_mode,
         "total_tokens": total_tokens,
-        "iters": cfg.runtime.iters,
         "timing_ms": slowest,
         "throughput_tokens_per_s": total_tokens / (slowest["total"] / 1e3) if slowest["total"] else 0.0,
         "traffic_bytes": report,
         "traffic_bytes_per_token": {link: report[link] / max(total_tokens, 1) for link in ("intra_node", "inter_node")},
+    }
+    return stats, y
+
+
+def run_layer(rt: Runtime, verify: bool, shared_modes: bool = False) -> dict[str, Any]:
+    """Time ``runtime.iters`` forwards on synthetic weights and tokens and gather the summary (every rank)."""
+    cfg = rt.cfg
+    layer = EPMoE.random(cfg.model, rt, seed=cfg.runtime.seed)
+    x = synthetic_tokens(cfg, rt.rank // cfg.runtime.moe_tp).to(rt.device)
+    stats, y = measure_layer(layer, x, cfg.runtime.warmup, cfg.runtime.iters)
+    summary: dict[str, Any] = {
+        "world_size": rt.world_size,
+        "nnodes": rt.topo.nnodes,
+        "ranks_per_node": rt.topo.ranks_per_node,
+        "dtype": cfg.model.dtype,
+        "tokens_per_rank": cfg.runtime.tokens_per_rank,
+        "iters": cfg.runtime.iters,
+        **stats,
         "config": config_to_dict(cfg),
     }
     if shared_modes:

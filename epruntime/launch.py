@@ -14,8 +14,9 @@ from .bootstrap import free_port
 from .config import Config
 
 
-def launch_local(cfg: Config, run_args: list[str]) -> int:
-    """Run ``epruntime run RUN_ARGS`` on ``world_size`` local processes; return the job's exit status."""
+def launch_local(cfg: Config, command: list[str]) -> int:
+    """Run ``epruntime COMMAND...`` (e.g. ``run --config ...``) on ``world_size`` local processes; return
+    the job's exit status."""
     world = cfg.topology.world_size
     if world > 1:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun does: ranks share the cores
@@ -33,7 +34,7 @@ def launch_local(cfg: Config, run_args: list[str]) -> int:
         start_method="spawn",
     )
     try:
-        elastic_launch(launch_config, sys.executable)("-m", "epruntime", "run", *run_args)
+        elastic_launch(launch_config, sys.executable)("-m", "epruntime", *command)
     except ChildFailedError as exc:
         failures = exc.failures
         rank, first = min(failures.items(), key=lambda item: item[1].timestamp)

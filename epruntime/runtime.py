@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -85,9 +85,7 @@ def init_runtime(cfg: Config) -> Runtime:
         device = torch.device("cpu")
     if not dist.is_initialized():
         if env.launcher == "none":
-            dist.init_process_group(
-                cfg.topology.backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
-            )
+            dist.init_process_group(cfg.topology.backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         else:
             kwargs = {"device_id": device} if device.type == "cuda" else {}
             dist.init_process_group(

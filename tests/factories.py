@@ -8,6 +8,8 @@ from typing import Any
 import torch
 
 from epruntime.config import Config, config_from_dict
+from epruntime.hf_peer import hf_moe as hf_moe_module
+from epruntime.hf_peer import hf_moe_config
 from epruntime.weights import random_state_dict
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,43 +44,12 @@ def make_config(
 
 def hf_config(cfg: Config):
     """The transformers DeepseekV3Config of ``cfg.model`` (one layer, eager experts)."""
-    from transformers import DeepseekV3Config
-
-    m = cfg.model
-    hf = DeepseekV3Config(
-        hidden_size=m.hidden_size,
-        moe_intermediate_size=m.moe_intermediate_size,
-        n_routed_experts=m.n_routed_experts,
-        n_shared_experts=m.n_shared_experts,
-        num_experts_per_tok=m.num_experts_per_tok,
-        n_group=m.n_group,
-        topk_group=m.topk_group,
-        routed_scaling_factor=m.routed_scaling_factor,
-        norm_topk_prob=m.norm_topk_prob,
-        num_hidden_layers=1,
-    )
-    hf._experts_implementation = "eager"
-    return hf
-
-
-def fused_hf_state_dict(sd: dict[str, torch.Tensor], n_experts: int) -> dict[str, torch.Tensor]:
-    """Per-expert HF names -> transformers 5.x in-memory layout (experts.gate_up_proj / down_proj)."""
-    out = {k: v for k, v in sd.items() if not k.startswith("experts.")}
-    out["experts.gate_up_proj"] = torch.stack(
-        [torch.cat([sd[f"experts.{e}.gate_proj.weight"], sd[f"experts.{e}.up_proj.weight"]]) for e in range(n_experts)]
-    )
-    out["experts.down_proj"] = torch.stack([sd[f"experts.{e}.down_proj.weight"] for e in range(n_experts)])
-    return out
+    return hf_moe_config(cfg.model)
 
 
 def hf_moe(cfg: Config, sd: dict[str, torch.Tensor]):
     """transformers' DeepseekV3MoE loaded with the per-expert state dict ``sd`` (fp32)."""
-    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
-
-    module = DeepseekV3MoE(hf_config(cfg)).float().eval()
-    fused = {k: v.float() for k, v in fused_hf_state_dict(sd, cfg.model.n_routed_experts).items()}
-    module.load_state_dict(fused, strict=True)
-    return module
+    return hf_moe_module(cfg.model, sd)
 
 
 def layer_weights(cfg: Config, seed: int, bias_scale: float = 1.0) -> dict[str, torch.Tensor]:

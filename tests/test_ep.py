@@ -7,11 +7,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from epruntime.hf_peer import fused_hf_state_dict
 from epruntime.moe import EPMoE
 from epruntime.reference import reference_moe
 from epruntime.runtime import Runtime, init_runtime, shutdown_runtime
 from tests.distributed import run_world
-from tests.factories import fused_hf_state_dict, hf_moe, layer_weights, make_config, rel_err, tokens
+from tests.factories import hf_moe, layer_weights, make_config, rel_err, tokens
 
 DSV3_ROUTING = dict(n_routed_experts=256, num_experts_per_tok=8, n_group=8, topk_group=4)
 

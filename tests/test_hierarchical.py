@@ -120,11 +120,15 @@ def test_hierarchical_equals_flat_and_reference(nnodes: int, ranks_per_node: int
         assert rel_err(flat, expected) <= 1e-5, case.name
         for backend in COMPARED:
             _check_contract(topo, case, outs, backend)
+        routes = torch.cat([o["topk_idx"] for o in outs])  # [T_all, K]
         inter = [o["hierarchical"]["traffic"].get("dispatch.inter_node", 0) for o in outs]
-        if nnodes == 1:  # one node: only the intra-node stage moves data
+        if nnodes == 1:  # one node: only the intra-node stage moves data, the same rows as flat
             assert all(o["hierarchical"]["traffic"].get(f"{p}.inter_node", 0) == 0 for o in outs for p in PHASES)
+            assert [o["hierarchical"]["traffic"] for o in outs] == [o["flat"]["traffic"] for o in outs]
+        if case.name == "all tokens to one expert":
+            assert (routes == topo.num_experts - 1).any(dim=1).all()
         if case.name == "experts on node 0 only":  # node 0's tokens never leave their node
+            assert (routes < topo.experts_per_node).all()
             assert inter[: topo.ranks_per_node] == [0] * topo.ranks_per_node
         if case.model:
-            nodes_per_token = destinations(torch.cat([o["topk_idx"] for o in outs]), topo.experts_per_node, nnodes)
-            assert (nodes_per_token.sum(dim=1) == 1).all(), case.name
+            assert (destinations(routes, topo.experts_per_node, nnodes).sum(dim=1) == 1).all(), case.name

@@ -107,6 +107,19 @@ def exchange_counts(send_counts: torch.Tensor, group: dist.ProcessGroup) -> torc
 
 
 @dataclass
+class InFlight:
+    """Collectives issued with ``async_op=True`` and what turns their buffers into the result."""
+
+    works: list[dist.Work]
+    finish: Callable[[], Any]
+
+    def wait(self) -> Any:
+        for work in self.works:
+            work.wait()
+        return self.finish()
+
+
+@dataclass
 class Hop:
     """One uneven all-to-all over ``group``: which input row goes to which peer, and the split sizes.
 
@@ -129,15 +142,28 @@ class Hop:
         recv_counts = exchange_counts(send_counts, group).tolist()
         return cls(group, peers, src_row.to(device), dest.to(device), send_counts.tolist(), recv_counts)
 
+    def issue(self, rows: torch.Tensor) -> InFlight:  # [P, *] ordered by destination -> [R, *] once waited
+        """Start delivering the sent rows (already gathered by ``src_row``) to their peers."""
+        out, work = issue_all_to_all_rows(rows, self.send_counts, self.recv_counts, self.group)
+        return InFlight([work], lambda: out)
+
     def send(self, rows: torch.Tensor) -> torch.Tensor:  # [P, *] ordered by destination -> [R, *]
         """Deliver the sent rows (already gathered by ``src_row``) to their peers."""
-        return all_to_all_rows(rows, self.send_counts, self.recv_counts, self.group)
+        return self.issue(rows).wait()
+
+    def issue_reduce_back(self, rows: torch.Tensor, num_rows: int) -> InFlight:  # [R, H] -> [N, H] fp32 once waited
+        """Start returning each received row's result to its sender, which then sums them per input row in fp32."""
+        back, work = issue_all_to_all_rows(rows, self.recv_counts, self.send_counts, self.group)  # [P, H]
+
+        def finish() -> torch.Tensor:
+            out = torch.zeros(num_rows, rows.shape[1], dtype=torch.float32, device=rows.device)  # [N, H]
+            return out.index_add_(0, self.src_row, back.float())
+
+        return InFlight([work], finish)
 
     def reduce_back(self, rows: torch.Tensor, num_rows: int) -> torch.Tensor:  # [R, H] -> [N, H] fp32
         """Return each received row's result to its sender, which sums the results per input row in fp32."""
-        back = all_to_all_rows(rows, self.recv_counts, self.send_counts, self.group)  # [P, H]
-        out = torch.zeros(num_rows, rows.shape[1], dtype=torch.float32, device=rows.device)  # [N, H]
-        return out.index_add_(0, self.src_row, back.float())
+        return self.issue_reduce_back(rows, num_rows).wait()
 
 
 def pack_routing(local_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -155,19 +181,6 @@ def count_tokens_per_expert(recv_topk_idx: torch.Tensor, num_local_experts: int)
     """[E_local] number of (row, k) pairs routed to each local expert."""
     ids = recv_topk_idx[recv_topk_idx >= 0]
     return torch.bincount(ids, minlength=num_local_experts)
-
-
-@dataclass
-class InFlight:
-    """Collectives issued with ``async_op=True`` and what turns their buffers into the result."""
-
-    works: list[dist.Work]
-    finish: Callable[[], Any]
-
-    def wait(self) -> Any:
-        for work in self.works:
-            work.wait()
-        return self.finish()
 
 
 class Dispatcher(ABC):
@@ -221,3 +234,19 @@ class Dispatcher(ABC):
             link = "intra_node" if topo.node_of(dest) == topo.node_of(me) else "inter_node"
             self.traffic.add(phase, link, n * row_bytes)
             self.traffic.add(phase, "metadata", n * meta_bytes)
+
+
+class AsyncDispatcher(Dispatcher):
+    """A backend whose ``dispatch_a`` / ``combine_a`` return with their last collective still in flight."""
+
+    @abstractmethod
+    def dispatch_a(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> InFlight: ...
+
+    @abstractmethod
+    def combine_a(self, y: torch.Tensor, handle: Any) -> InFlight: ...
+
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
+        return self.dispatch_a(x, topk_idx, topk_weights).wait()
+
+    def combine(self, y: torch.Tensor, handle: Any) -> torch.Tensor:
+        return self.combine_a(y, handle).wait()

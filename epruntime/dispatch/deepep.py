@@ -74,10 +74,11 @@ def check_deepep(cfg: Config) -> None:
         raise ConfigError(f"{what} uses DeepEP, which moves bf16 activations; set model.dtype=bfloat16")
     world, per_node = topo.world_size // run.moe_tp, topo.ranks_per_node // run.moe_tp  # the EP world
     modes = deepep_modes(cfg)
-    if "normal" in modes and (world not in NORMAL_WORLD_SIZES or (world > NVL_PEERS and per_node != NVL_PEERS)):
+    one_node = topo.nnodes == 1 and world <= NVL_PEERS  # one NVLink domain
+    if "normal" in modes and (world not in NORMAL_WORLD_SIZES or not (one_node or per_node == NVL_PEERS)):
         raise ConfigError(
-            f"{what}: DeepEP normal mode supports EP worlds of {NORMAL_WORLD_SIZES} ranks with {NVL_PEERS} per node "
-            f"beyond one node, got {world} ranks with {per_node} per node; use runtime.dispatcher flat or hierarchical"
+            f"{what}: DeepEP normal mode supports EP worlds of {NORMAL_WORLD_SIZES} ranks, with {NVL_PEERS} per node "
+            f"across nodes, got {world} ranks with {per_node} per node; use runtime.dispatcher flat or hierarchical"
         )
     if "low_latency" in modes and (
         m.hidden_size not in LOW_LATENCY_HIDDEN or m.num_experts_per_tok > LOW_LATENCY_MAX_TOPK

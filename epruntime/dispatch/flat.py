@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Dispatcher, DispatchResult, Hop, count_tokens_per_expert, pack_routing, unpack_routing
+from .base import AsyncDispatcher, DispatchResult, Hop, InFlight, count_tokens_per_expert, pack_routing, unpack_routing
 
 
 @dataclass
@@ -29,30 +29,34 @@ def localize(topk_idx: torch.Tensor, first_expert: torch.Tensor, num_local: int)
     return torch.where((local >= 0) & (local < num_local), local, torch.full_like(local, -1))
 
 
-class FlatDispatcher(Dispatcher):
+class FlatDispatcher(AsyncDispatcher):
     """All ranks talk to all ranks in one all-to-all; each token goes once to each destination rank."""
 
     name = "flat"
 
-    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
+    def dispatch_a(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> InFlight:
         world, e_local = self.rt.world_size, self.rt.topo.experts_per_rank
         needs = destinations(topk_idx.cpu(), e_local, world)  # [T, W]
         hop = Hop.plan(needs, self.rt.world_group, list(range(world)), x.device)
         rows = hop.src_row
         routing = pack_routing(localize(topk_idx[rows], hop.dest * e_local, e_local), topk_weights[rows])  # [P, 2K]
-        recv_x = hop.send(x[rows])  # [R, H]
-        recv_idx, recv_weights = unpack_routing(hop.send(routing))  # [R, K], [R, K]
+        sent_x, sent_routing = hop.issue(x[rows]), hop.issue(routing)  # in flight: [R, H], [R, 2K]
         self.count_sends("dispatch", hop.peers, hop.send_counts, x.shape[1] * x.element_size(), routing.shape[1] * 4)
-        return DispatchResult(
-            recv_x=recv_x,
-            recv_topk_idx=recv_idx,
-            recv_topk_weights=recv_weights,
-            tokens_per_expert=count_tokens_per_expert(recv_idx, e_local),
-            handle=FlatHandle(hop, x.shape[0]),
-        )
 
-    def combine(self, y: torch.Tensor, handle: FlatHandle) -> torch.Tensor:
+        def finish() -> DispatchResult:
+            recv_idx, recv_weights = unpack_routing(sent_routing.wait())  # [R, K], [R, K]
+            return DispatchResult(
+                recv_x=sent_x.wait(),
+                recv_topk_idx=recv_idx,
+                recv_topk_weights=recv_weights,
+                tokens_per_expert=count_tokens_per_expert(recv_idx, e_local),
+                handle=FlatHandle(hop, x.shape[0]),
+            )
+
+        return InFlight([], finish)
+
+    def combine_a(self, y: torch.Tensor, handle: FlatHandle) -> InFlight:
         hop = handle.hop
-        out = hop.reduce_back(y, handle.num_tokens)  # [T, H] fp32
+        back = hop.issue_reduce_back(y, handle.num_tokens)  # in flight: [T, H] fp32
         self.count_sends("combine", hop.peers, hop.recv_counts, y.shape[1] * y.element_size(), 0)
-        return out.to(y.dtype)
+        return InFlight([], lambda: back.wait().to(y.dtype))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Dispatcher, DispatchResult, Hop, count_tokens_per_expert, pack_routing, unpack_routing
+from .base import AsyncDispatcher, DispatchResult, Hop, InFlight, count_tokens_per_expert, pack_routing, unpack_routing
 from .flat import destinations, localize
 
 
@@ -34,12 +34,12 @@ class HierarchicalHandle:
     num_forwarded: int
 
 
-class HierarchicalDispatcher(Dispatcher):
+class HierarchicalDispatcher(AsyncDispatcher):
     """Inter-node once per (token, node) over the rail, then intra-node once per (token, rank)."""
 
     name = "hierarchical"
 
-    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
+    def dispatch_a(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> InFlight:
         rt, topo = self.rt, self.rt.topo
         e_local, row_bytes = topo.experts_per_rank, x.shape[1] * x.element_size()
         rail = Hop.plan(
@@ -60,21 +60,25 @@ class HierarchicalDispatcher(Dispatcher):
         routing = pack_routing(
             localize(fwd_idx[intra.src_row], first_expert, e_local), fwd_weights[intra.src_row]
         )  # [P2, 2K] local ids
-        recv_x = intra.send(fwd_x[intra.src_row])  # [R, H]
-        recv_idx, recv_weights = unpack_routing(intra.send(routing))  # [R, K], [R, K]
+        sent_x, sent_routing = intra.issue(fwd_x[intra.src_row]), intra.issue(routing)  # in flight: [R, H], [R, 2K]
         self.count_sends("dispatch", intra.peers, intra.send_counts, row_bytes, routing.shape[1] * 4)
-        return DispatchResult(
-            recv_x=recv_x,
-            recv_topk_idx=recv_idx,
-            recv_topk_weights=recv_weights,
-            tokens_per_expert=count_tokens_per_expert(recv_idx, e_local),
-            handle=HierarchicalHandle(rail, intra, x.shape[0], fwd_x.shape[0]),
-        )
 
-    def combine(self, y: torch.Tensor, handle: HierarchicalHandle) -> torch.Tensor:
+        def finish() -> DispatchResult:
+            recv_idx, recv_weights = unpack_routing(sent_routing.wait())  # [R, K], [R, K]
+            return DispatchResult(
+                recv_x=sent_x.wait(),
+                recv_topk_idx=recv_idx,
+                recv_topk_weights=recv_weights,
+                tokens_per_expert=count_tokens_per_expert(recv_idx, e_local),
+                handle=HierarchicalHandle(rail, intra, x.shape[0], fwd_x.shape[0]),
+            )
+
+        return InFlight([], finish)
+
+    def combine_a(self, y: torch.Tensor, handle: HierarchicalHandle) -> InFlight:
         row_bytes = y.shape[1] * y.element_size()
         partial = handle.intra.reduce_back(y, handle.num_forwarded).to(y.dtype)  # [F, H] one per (token, node)
         self.count_sends("combine", handle.intra.peers, handle.intra.recv_counts, row_bytes, 0)
-        out = handle.rail.reduce_back(partial, handle.num_tokens)  # [T, H] fp32
+        out = handle.rail.issue_reduce_back(partial, handle.num_tokens)  # in flight: [T, H] fp32
         self.count_sends("combine", handle.rail.peers, handle.rail.recv_counts, row_bytes, 0)
-        return out.to(y.dtype)
+        return InFlight([], lambda: out.wait().to(y.dtype))

@@ -81,7 +81,7 @@ def expert_layout(
     onehot = ids.unsqueeze(2) == torch.arange(e_local, device=ids.device)  # [S, K, E]
     hit = onehot.any(dim=1)  # [S, E]
     pair_weight = (weights.unsqueeze(2) * onehot).sum(dim=1)  # [S, E]; top-k ids are distinct
-    position = torch.where(hit, hit.long().cumsum(dim=0), 0)  # [S, E] ordered by slot
+    position = torch.where(hit, hit.long().cumsum(dim=0) - 1, 0)  # [S, E] ordered by slot
     flat = torch.where(hit, torch.arange(e_local, device=ids.device) * s + position, e_local * s)  # [S, E]
     slot = torch.arange(s, device=ids.device).unsqueeze(1).expand(s, e_local)  # [S, E]
     source = torch.zeros(e_local * s + 1, dtype=torch.int64, device=ids.device)  # last entry collects misses

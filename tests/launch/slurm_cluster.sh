@@ -91,6 +91,10 @@ start_cluster() {
     spawn "$dir" munged munged --foreground --force --socket="$dir/munge.socket" --key-file="$dir/munge.key" \
         --pid-file="$dir/munged.pid" --seed-file="$dir/munged.seed" --log-file="$dir/log/munged.log"
     for _ in $(seq 50); do [[ -S $dir/munge.socket ]] && break; sleep 0.1; done
+    if [[ ! -S $dir/munge.socket ]]; then
+        echo "munged did not start; see $dir/log/munged.*" >&2
+        return 1
+    fi
     spawn "$dir" slurmctld slurmctld -D -i -f "$SLURM_CONF"
     spawn "$dir" slurmd-n1 slurmd -D -N n1 -f "$SLURM_CONF"
     spawn "$dir" slurmd-n2 slurmd -D -N n2 -f "$SLURM_CONF"

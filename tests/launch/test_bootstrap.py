@@ -77,7 +77,8 @@ def test_batch_script_and_bare_process_are_one_rank() -> None:
 @pytest.mark.parametrize("variables", [OMPI, HYDRA], ids=["openmpi", "mpich"])
 def test_mpirun_nodes_come_from_mpi(variables: dict[str, str]) -> None:
     env = detect_launcher(variables)
-    assert env == LaunchEnv("mpirun", 1, 4, 1, 2, nnodes=2, node_rank=0, master_addr="a", master_port=1234)
+    assert (env.launcher, env.rank, env.world_size, env.local_rank, env.local_world_size) == ("mpirun", 1, 4, 1, 2)
+    assert (env.nnodes, env.node_rank, env.rank_nodes, env.init_method) == (2, 0, (0, 0, 1, 1), "tcp://a:1234")
     assert reconcile_topology(sim_2x2(), env).topology.world_size == 4
 
 
@@ -89,8 +90,9 @@ def test_mpirun_inside_slurm_allocation_is_mpirun() -> None:
 
 def test_mpirun_round_robin_placement_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bootstrap, "mpi_exchange", lambda environ: (["a", "b", "a", "b"], "a", 1234))
-    with pytest.raises(ConfigError, match=r"rank 1 runs on node 1 but the topology puts it on node 0; .*ppr:2:node"):
-        reconcile_topology(sim_2x2(), detect_launcher(OMPI))
+    for rank in "0123":  # every rank fails alike, none is left waiting at the rendezvous
+        with pytest.raises(ConfigError, match=r"rank 1 runs on node 1 but the topology puts it on node 0; .*ppr:2:"):
+            reconcile_topology(sim_2x2(), detect_launcher({**OMPI, "OMPI_COMM_WORLD_RANK": rank}))
 
 
 def test_mpirun_without_mpi4py_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,99 @@
+"""Presenting ``epruntime bench`` results: the table, the progress bar and the PNG plot."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .timing import STAGES
+
+
+class _Progress:
+    """A tqdm bar on rank 0 (plain lines when tqdm is missing); silent elsewhere."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = None
+        self.enabled = enabled
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc="bench", unit="case")
+            except ImportError:  # pragma: no cover - tqdm ships with the dev extra
+                self.bar = None
+        self.count, self.total = 0, total
+
+    def __call__(self, label: str) -> None:
+        if not self.enabled:
+            return
+        if self.count and self.bar is not None:
+            self.bar.update(1)
+        self.count += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(label)
+        else:
+            print(f"bench {self.count}/{self.total}: {label}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.close()
+
+
+def progress_bar(total: int, enabled: bool) -> _Progress:
+    """A callable taking each case's label as it starts."""
+    return _Progress(total, enabled)
+
+
+def format_bench(report: dict[str, Any]) -> str:
+    """The rank-0 table: per-stage medians, tokens/s, expert stage vs dense, bytes per link, peers."""
+    head = "case".ljust(30) + "".join(s.rjust(9) for s in STAGES) + "   tok/s   expert/dense  inter-node B/tok"
+    lines = [
+        f"epruntime bench: {report['world_size']} ranks = {report['nnodes']} x {report['ranks_per_node']} | "
+        f"{report['dtype']} | medians of {report['reps']} reps (ms)",
+        head,
+    ]
+    for r in report["cases"]:
+        stages = "".join(f"{r['timing_ms'][s]:9.2f}" for s in STAGES)
+        lines.append(
+            f"{r['case']['label']:<30}{stages}{r['throughput_tokens_per_s']:9.0f}"
+            f"{r['fraction_of_dense']:14.2f}{r['traffic_bytes_per_token']['inter_node']:18.0f}"
+        )
+        peers = r.get("peers", {})
+        for impl in ("eager", "grouped_mm"):
+            if impl in peers:
+                p = peers[impl]
+                lines.append(
+                    f"    vs transformers {impl:<10} {p['total_ms']:9.2f} ms  -> epruntime {p['speedup_of_epruntime']:.2f}x"
+                )
+        if "ratio_to_single_rank" in r:
+            lines.append(
+                f"    vs one rank, same total tokens: {r['single_rank_ms']:.2f} ms -> {r['ratio_to_single_rank']:.2f}x"
+            )
+    return "\n".join(lines)
+
+
+def plot_bench(report: dict[str, Any], path: str) -> str:
+    """Stacked stage times per case as a PNG; returns a line saying where it went (or why not)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "plot skipped: matplotlib is not installed (pip install -e '.[bench]')"
+    cases = report["cases"]
+    labels = [c["case"]["label"] for c in cases]
+    fig, ax = plt.subplots(figsize=(max(6, len(cases) * 0.9), 4.5))
+    bottom = [0.0] * len(cases)
+    for stage in STAGES[:-1]:
+        values = [c["timing_ms"][stage] for c in cases]
+        ax.bar(labels, values, bottom=bottom, label=stage)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax.set_ylabel("median ms per layer (slowest rank)")
+    ax.set_title(f"epruntime bench: {report['world_size']} ranks, {report['dtype']}")
+    ax.legend(fontsize=8)
+    ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"plot written to {path}"
