@@ -61,10 +61,8 @@ def format_bench(report: dict[str, Any]) -> str:
         peers = r.get("peers", {})
         for impl in ("eager", "grouped_mm"):
             if impl in peers:
-                p = peers[impl]
-                lines.append(
-                    f"    vs transformers {impl:<10} {p['total_ms']:9.2f} ms  -> epruntime {p['speedup_of_epruntime']:.2f}x"
-                )
+                ms, speedup = peers[impl]["total_ms"], peers[impl]["speedup_of_epruntime"]
+                lines.append(f"    vs transformers {impl:<10} {ms:9.2f} ms  -> epruntime {speedup:.2f}x")
         if "ratio_to_single_rank" in r:
             lines.append(
                 f"    vs one rank, same total tokens: {r['single_rank_ms']:.2f} ms -> {r['ratio_to_single_rank']:.2f}x"

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.multiprocessing.reductions import StorageWeakRef
 
 
 class LiveTensorTracker(TorchDispatchMode):

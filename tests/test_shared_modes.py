@@ -60,7 +60,7 @@ def test_modes_and_expert_tp_equal_reference(nnodes: int, ranks_per_node: int, m
 
 
 def test_block_quantized_tp_split_rejected_with_pointer_to_tp1() -> None:
-    with pytest.raises(ConfigError, match="set runtime.shared_expert_tp: 1"):
+    with pytest.raises(ConfigError, match=r"set runtime\.shared_expert_tp: 1"):
         make_config(
             2,
             2,
@@ -70,9 +70,9 @@ def test_block_quantized_tp_split_rejected_with_pointer_to_tp1() -> None:
         )
     ok = make_config(2, 2, runtime={"moe_tp": 2, "shared_expert_tp": 1}, moe_intermediate_size=128)
     assert ok.runtime.moe_tp == 2
-    with pytest.raises(ConfigError, match="runtime.moe_tp: 3 does not divide topology.ranks_per_node=2"):
+    with pytest.raises(ConfigError, match=r"runtime\.moe_tp: 3 does not divide topology\.ranks_per_node=2"):
         make_config(2, 2, runtime={"moe_tp": 3})
-    with pytest.raises(ConfigError, match="runtime.shared_expert_tp: must be 1"):
+    with pytest.raises(ConfigError, match=r"runtime\.shared_expert_tp: must be 1"):
         make_config(2, 2, runtime={"moe_tp": 2, "shared_expert_tp": 3})
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..runtime import Runtime
-from .base import Dispatcher, DispatchResult, InFlight, MaskedDispatchResult
+from .base import AsyncDispatcher, Dispatcher, DispatchResult, InFlight, MaskedDispatchResult
 from .deepep import DeepEPDispatcher, DeepEPLowLatencyDispatcher
 from .flat import FlatDispatcher
 from .lowlatency import LowLatencyDispatcher
@@ -31,7 +31,7 @@ class AutoHandle:
     handle: Any
 
 
-class AutoDispatcher(Dispatcher):
+class AutoDispatcher(AsyncDispatcher):
     """Picks the low-latency backend when the largest batch of the call fits its capacity."""
 
     name = "auto"
@@ -61,11 +61,5 @@ class AutoDispatcher(Dispatcher):
 
         return InFlight([], finish)
 
-    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> Any:
-        return self.dispatch_b(self.dispatch_a(x, topk_idx, topk_weights))
-
     def combine_a(self, y: torch.Tensor, handle: AutoHandle) -> InFlight:
         return handle.backend.combine_a(y, handle.handle)
-
-    def combine(self, y: torch.Tensor, handle: AutoHandle) -> torch.Tensor:
-        return self.combine_b(self.combine_a(y, handle))

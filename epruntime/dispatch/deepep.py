@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ..runtime import Runtime
-from .base import Dispatcher, DispatchResult, InFlight, MaskedDispatchResult
+from .base import AsyncDispatcher, Dispatcher, DispatchResult, InFlight, MaskedDispatchResult
 from .lowlatency import check_capacity
 
 if TYPE_CHECKING:
@@ -221,7 +221,7 @@ class DeepEPLowLatencyHandle:
     topk_weights: torch.Tensor  # [T, K] fp32
 
 
-class DeepEPLowLatencyDispatcher(_DeepEPBase):
+class DeepEPLowLatencyDispatcher(_DeepEPBase, AsyncDispatcher):
     """DeepEP low-latency mode: fixed capacity, no host sync, CUDA-graph safe; traffic is not counted."""
 
     name = "deepep_low_latency"
@@ -254,9 +254,6 @@ class DeepEPLowLatencyDispatcher(_DeepEPBase):
 
         return InFlight([], arrived)
 
-    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> MaskedDispatchResult:
-        return self.dispatch_b(self.dispatch_a(x, topk_idx, topk_weights))
-
     def combine_a(self, y: torch.Tensor, handle: DeepEPLowLatencyHandle) -> InFlight:
         combined, _, hook = self.buffers.use("low_latency").low_latency_combine(
             y.contiguous(), handle.topk_idx, handle.topk_weights, handle.handle, return_recv_hook=True
@@ -267,6 +264,3 @@ class DeepEPLowLatencyDispatcher(_DeepEPBase):
             return combined
 
         return InFlight([], arrived)
-
-    def combine(self, y: torch.Tensor, handle: DeepEPLowLatencyHandle) -> torch.Tensor:
-        return self.combine_b(self.combine_a(y, handle))

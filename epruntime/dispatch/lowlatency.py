@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .base import Dispatcher, InFlight, MaskedDispatchResult, pack_routing, unpack_routing
+from .base import AsyncDispatcher, InFlight, MaskedDispatchResult, pack_routing, unpack_routing
 
 
 class CapacityError(ValueError):
@@ -99,7 +99,7 @@ def weighted_partials(y: torch.Tensor, handle: LowLatencyHandle) -> torch.Tensor
     return out
 
 
-class LowLatencyDispatcher(Dispatcher):
+class LowLatencyDispatcher(AsyncDispatcher):
     """Fixed ``max_tokens_per_rank`` slots per rank pair; one all-to-all each way, no counts."""
 
     name = "lowlatency"
@@ -137,15 +137,9 @@ class LowLatencyDispatcher(Dispatcher):
 
         return InFlight([work], finish)
 
-    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> MaskedDispatchResult:
-        return self.dispatch_b(self.dispatch_a(x, topk_idx, topk_weights))
-
     def combine_a(self, y: torch.Tensor, handle: LowLatencyHandle) -> InFlight:
         world, m, h = self.rt.world_size, self.capacity, y.shape[2]
         partial = weighted_partials(y, handle).to(y.dtype).view(world, m, h)  # [W, M, H] per source rank
         back, work = self._exchange(partial)  # [W, M, H]: this rank's slots, summed on each expert rank
         self.count_sends("combine", list(range(world)), [m] * world, h * y.element_size(), 0)
         return InFlight([work], lambda: back[:, : handle.num_tokens].float().sum(dim=0).to(y.dtype))  # [T, H]
-
-    def combine(self, y: torch.Tensor, handle: LowLatencyHandle) -> torch.Tensor:
-        return self.combine_b(self.combine_a(y, handle))

@@ -27,7 +27,12 @@ def _cfg(dispatcher: str = "flat", grouped_gemm: str = "auto", **model):
         {
             "model": {**SMALL_MODEL, "hidden_size": 1024, "moe_intermediate_size": 256, "dtype": "bfloat16", **model},
             "topology": {"device": "cuda", "backend": "nccl"},
-            "runtime": {"dispatcher": dispatcher, "grouped_gemm": grouped_gemm, "max_tokens_per_rank": 64},
+            "runtime": {
+                "dispatcher": dispatcher,
+                "grouped_gemm": grouped_gemm,
+                "max_tokens_per_rank": 64,
+                "tokens_per_rank": 48,
+            },
         }
     )
 

@@ -61,8 +61,11 @@ MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
-# sbatch --wait polls every 2 s only while MinJobAge/2 <= 2 (else every 8 s, or 32 s)
-MinJobAge=4
+# sbatch --wait polls after 2 s, then every 8 s while MinJobAge/2 <= 8 (else every 32 s); a job's
+# record must outlive one poll, so 16 s
+MinJobAge=16
+# job ids (and the ports derived from them) differ between clusters started side by side
+FirstJobId=$((RANDOM * 30 + 1000))
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 NodeName=n1 NodeAddr=127.0.0.1 Port=$n1_port CPUs=8 State=UNKNOWN

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from epruntime.bootstrap import free_port
 from tests.launch.jobs import CPU_SIM, ROOT, SHORT, TWO_BY_TWO, launch_env, run, verified
 
 pytestmark = pytest.mark.slow
@@ -43,7 +44,7 @@ def test_sbatch_cpu_sim_runs_to_a_verified_result(slurm: dict[str, str], tmp_pat
             "sbatch", "--wait", f"--output={tmp_path}/%x-%j.out", "launch/slurm/cpu-sim.sbatch",
             *SHORT, "--verify", "--json", str(out),
         ],
-        {**slurm, "LOG_DIR": str(logs)},
+        {**slurm, "LOG_DIR": str(logs), "RDZV_PORT": str(free_port())},
         timeout_s=300,
     )  # fmt: skip
     batch_log = "\n".join(p.read_text() for p in tmp_path.glob("epruntime-cpu-sim-*.out"))
@@ -55,23 +56,27 @@ def test_sbatch_cpu_sim_runs_to_a_verified_result(slurm: dict[str, str], tmp_pat
     assert "[epruntime] launcher torchrun: 8 ranks on 2 node(s) x 4" in "".join(node_logs)
 
 
-def srun(slurm: dict[str, str], args: list[str], timeout_s: float = 240):
-    """``srun --nodes=2 --ntasks-per-node=2 python -m epruntime run ARGS``: ranks straight from Slurm."""
+def srun(slurm: dict[str, str], args: list[str], port: int, timeout_s: float = 240):
+    """``srun --nodes=2 --ntasks-per-node=2 python -m epruntime run ARGS``: ranks straight from Slurm,
+    rendezvous on ``port`` (MASTER_PORT: the port derived from the job id is left to the unit tests)."""
     cmd = ["srun", "--nodes=2", "--ntasks-per-node=2", "--kill-on-bad-exit=1", slurm["PYTHON"], "-m", "epruntime"]
-    return run([*cmd, "run", "--config", str(CPU_SIM), *args], {**slurm, "OMP_NUM_THREADS": "1"}, timeout_s)
+    env = {**slurm, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port)}
+    return run([*cmd, "run", "--config", str(CPU_SIM), *args], env, timeout_s)
 
 
 def test_srun_without_torchrun_runs_to_a_verified_result(slurm: dict[str, str], tmp_path: Path) -> None:
     out = tmp_path / "result.json"
-    job = srun(slurm, [*TWO_BY_TWO, *SHORT, "--verify", "--json", str(out)])
+    port = free_port()
+    job = srun(slurm, [*TWO_BY_TWO, *SHORT, "--verify", "--json", str(out)], port)
     assert job.returncode == 0, job.output
     verified(out, world_size=4, nnodes=2)
     # n1 does not resolve here: the head node falls back to SLURM_LAUNCH_NODE_IPADDR
-    assert "[epruntime] launcher srun: 4 ranks on 2 node(s) x 2, rendezvous tcp://127.0.0.1:" in job.output
+    assert f"[epruntime] launcher srun: 4 ranks on 2 node(s) x 2, rendezvous tcp://127.0.0.1:{port}" in job.output
 
 
 def test_yaml_that_disagrees_with_srun_fails_on_every_rank(slurm: dict[str, str]) -> None:
-    job = srun(slurm, ["--set", "topology.nnodes=1", "--set", "topology.ranks_per_node=4", *SHORT], timeout_s=120)
+    one_node = ["--set", "topology.nnodes=1", "--set", "topology.ranks_per_node=4"]
+    job = srun(slurm, [*one_node, *SHORT], free_port(), timeout_s=120)
     assert job.returncode != 0
     line = "epruntime: error: topology.ranks_per_node: the launcher runs 2 ranks per node but the config says 4"
     assert job.output.count(line) == 4, job.output
