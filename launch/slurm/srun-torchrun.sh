@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The body of the sbatch scripts beside it: inside a Slurm allocation, start one torchrun agent per
-# node with srun (launch/torchrun.sh, c10d rendezvous on the head node), give it every CPU (and GPU)
-# the job holds on its node, and keep one log per node.
+# node with srun (launch/torchrun.sh, c10d rendezvous on the head node), give it every CPU the job
+# holds on its node (the step gets the job's GPUs by default), and keep one log per node.
 #
 # Knobs (environment), beside launch/torchrun.sh's CONFIG, NPROC_PER_NODE and PYTHON:
 #   EPRUNTIME_ROOT  the repository (default: the directory sbatch was run from)
