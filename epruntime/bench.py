@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from . import health
 from .config import Config
 from .dispatch import make_dispatcher
 from .job import measure_layer, synthetic_tokens
@@ -170,7 +171,7 @@ def bench_main(
     rt = init_runtime(cfg)
     cases = [BenchCase(*c) for c in itertools.product(tokens, dispatchers, shared)]
     bar = progress_bar(len(cases), enabled=rt.rank == 0)
-    records = bench_cases(rt, cases, reps, bar)
+    records = health.run_or_exit(lambda: bench_cases(rt, cases, reps, bar))
     bar.close()
     report: dict[str, Any] = {
         "world_size": rt.world_size,

@@ -108,6 +108,8 @@ class RuntimeConfig:
     shared_expert: str = field(default="overlap", metadata=_choices(*SHARED_EXPERT_MODES))
     moe_tp: int = 1  # ranks of one node that split each routed expert's intermediate dimension
     shared_expert_tp: int = 1  # 1: shared expert replicated (added after the TP all-reduce); moe_tp: sharded
+    check_finite: bool = False  # check every layer's input and output for NaN/Inf (one small all-gather each)
+    deterministic: bool = False  # deterministic kernels: bit-identical outputs across runs at one world size
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from . import health
 from .config import Config, config_to_dict
 from .dispatch import traffic_report
 from .moe import EPMoE
@@ -136,8 +138,11 @@ def format_summary(s: dict[str, Any]) -> str:
 def run_main(cfg: Config, verify: bool, json_path: str | None, shared_modes: bool = False) -> int:
     """Entry point of ``epruntime run`` inside a launched rank; returns the exit status."""
     rt = init_runtime(cfg)
-    rt.log(f"node {rt.node} local {rt.local_index}, experts {rt.topo.expert_range(rt.rank)}, launcher {rt.launcher}")
-    summary = run_layer(rt, verify, shared_modes)
+    rt.log(
+        f"node {rt.node} local {rt.local_index}, experts {rt.topo.expert_range(rt.rank)}, "
+        f"launcher {rt.launcher}, pid {os.getpid()}"
+    )
+    summary = health.run_or_exit(lambda: run_layer(rt, verify, shared_modes))
     if rt.rank == 0:
         print(format_summary(summary), flush=True)
         if json_path:

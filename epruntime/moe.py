@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import health
 from .config import MoEConfig
 from .dispatch import make_dispatcher
 from .experts import LocalExperts
@@ -47,6 +48,12 @@ class EPMoE(nn.Module):
         self.shared_sharded = rt.cfg.runtime.shared_expert_tp > 1  # its partial output joins the TP all-reduce
         self.side = SideStream(rt.device)
         self.timer = StageTimer(rt.device)
+        self.check_finite = rt.cfg.runtime.check_finite
+        self.layer_idx: int | None = None  # the model layer this MoE is, named in failure messages
+
+    @property
+    def label(self) -> str:
+        return "moe layer" if self.layer_idx is None else f"layer {self.layer_idx}"
 
     @classmethod
     def from_hf_state_dict(cls, cfg: MoEConfig, state_dict: StateDict, rt: Runtime) -> EPMoE:
@@ -72,7 +79,9 @@ class EPMoE(nn.Module):
         rank's experts, its gate and shared expert (see :mod:`epruntime.checkpoint`)."""
         from .checkpoint import as_reader  # safetensors is needed only to read checkpoints
 
-        return cls.from_hf_state_dict(rt.cfg.model, as_reader(checkpoint).moe_layer(layer_idx, rt.cfg.model), rt)
+        layer = cls.from_hf_state_dict(rt.cfg.model, as_reader(checkpoint).moe_layer(layer_idx, rt.cfg.model), rt)
+        layer.layer_idx = layer_idx
+        return layer
 
     @classmethod
     def random(cls, cfg: MoEConfig, rt: Runtime, seed: int = 0) -> EPMoE:
@@ -113,7 +122,29 @@ class EPMoE(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [T, H] this rank's tokens -> [T, H]
-        self.check_input(x)
+        """The layer on this rank's tokens. A failed collective raises :class:`RankFailure` naming the stage
+        and the rank that failed; this rank's own errors are posted for its peers before they propagate."""
+        with health.stage(self.label):
+            try:
+                self.check_input(x)
+                if self.check_finite:
+                    self._assert_finite(x, "input")
+                y = self._pipeline(x)
+                if self.check_finite:
+                    self._assert_finite(y, "output")
+                return y
+            except health.RankFailure:
+                raise
+            except Exception as exc:
+                if health.is_collective_failure(exc):
+                    raise health.RankFailure(health.describe_failure(exc)) from exc
+                health.report_own_failure(exc)
+                raise
+
+    def _assert_finite(self, t: torch.Tensor, what: str) -> None:
+        health.assert_finite_on_all_ranks(t, f"{self.label} {what}", self.rt.world_group, self.rt.world_size)
+
+    def _pipeline(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
         with self.timer.forward():
             with self.timer.stage("router"):
                 topk_idx, topk_weights = self.router(x)  # [T, K], [T, K]

@@ -7,6 +7,9 @@ the world, intra-node and rail groups. With no launcher it runs a 1-rank world.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -15,9 +18,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from . import health
 from .bootstrap import LaunchEnv as LaunchEnv  # re-exported: callers check worlds with it
 from .bootstrap import detect_launcher, reconcile_topology
-from .config import Config, check_environment
+from .config import Config, ConfigError, check_environment, config_to_dict
 from .topology import Topology
 
 
@@ -69,6 +73,27 @@ def new_groups(rank_lists: list[list[int]], rank: int, timeout: timedelta) -> di
     return own
 
 
+def _fingerprint(section: dict) -> int:
+    digest = hashlib.sha256(json.dumps(section, sort_keys=True).encode()).digest()
+    return int.from_bytes(digest[:8], "little", signed=True)
+
+
+def check_ranks_agree(cfg: Config, world_size: int) -> None:
+    """Every rank must run the same config: one all-gather of a fingerprint per section, before any layer."""
+    sections = config_to_dict(cfg)
+    mine = torch.tensor([_fingerprint(body) for body in sections.values()], dtype=torch.int64)  # [S]
+    every = torch.zeros(world_size * len(mine), dtype=torch.int64)  # [W * S]
+    dist.all_gather_single(every, mine)
+    every = every.view(world_size, len(mine))  # [W, S]
+    for i, name in enumerate(sections):
+        differ = (every[:, i] != every[0, i]).nonzero().flatten().tolist()
+        if differ:
+            raise ConfigError(
+                f"{name}: rank(s) {differ} run a different {name} section than rank 0; "
+                f"start every rank with the same YAML and --set overrides"
+            )
+
+
 def init_runtime(cfg: Config) -> Runtime:
     """Start torch.distributed from the launcher's environment and build the EP process groups."""
     check_environment(cfg)
@@ -97,8 +122,15 @@ def init_runtime(cfg: Config) -> Runtime:
                 **kwargs,
             )
     rank = dist.get_rank()
+    health.WATCHDOG.start(rank, topo.world_size, cfg.runtime.timeout_s)
+    with health.stage("start-up: config agreement"):
+        check_ranks_agree(cfg, topo.world_size)
+    if cfg.runtime.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     intra = new_groups([topo.node_ranks(n) for n in range(topo.nnodes)], rank, timeout)
     rail = new_groups([topo.rail_ranks(i) for i in range(topo.ranks_per_node)], rank, timeout)
+    health.WATCHDOG.current = "idle"
     return Runtime(
         cfg=cfg,
         topo=topo,

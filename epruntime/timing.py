@@ -10,6 +10,8 @@ from contextlib import contextmanager
 
 import torch
 
+from . import health
+
 STAGES = ("router", "dispatch", "experts", "combine", "shared", "total")
 
 
@@ -24,16 +26,7 @@ class StageTimer:
         self.enabled = True
 
     @contextmanager
-    def forward(self) -> Iterator[None]:
-        """One forward pass, timed as stage ``total``; its stage sums become one sample each."""
-        with self.stage("total"):
-            yield
-        for name, ms in self.pending.items():
-            self.samples[name].append(ms)
-        self.pending.clear()
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
+    def _timed(self, name: str) -> Iterator[None]:
         if not self.enabled:
             yield
             return
@@ -44,6 +37,21 @@ class StageTimer:
         if self.sync:
             torch.cuda.synchronize()
         self.pending[name] += (time.perf_counter() - start) * 1e3
+
+    @contextmanager
+    def forward(self) -> Iterator[None]:
+        """One forward pass, timed as stage ``total``; its stage sums become one sample each."""
+        with self._timed("total"):
+            yield
+        for name, ms in self.pending.items():
+            self.samples[name].append(ms)
+        self.pending.clear()
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time one stage, and mark it for the watchdog and failure messages."""
+        with self._timed(name), health.stage(name):
+            yield
 
     def reset(self) -> None:
         self.samples.clear()

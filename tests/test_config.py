@@ -146,3 +146,13 @@ def test_cli_subprocess_rejects_cuda_without_gpu_and_wrong_world() -> None:
         env={**env, "RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "3"},
     )
     assert wrong.returncode == 2 and "launcher started 3 ranks" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+def test_yaml_is_loaded_safely(tmp_path: Path) -> None:
+    """A YAML tag that would construct Python objects is refused, not executed."""
+    evil = tmp_path / "evil.yaml"
+    marker = tmp_path / "ran"
+    evil.write_text(f"model: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(evil)
+    assert not marker.exists()

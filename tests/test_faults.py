@@ -1,0 +1,144 @@
+"""Faults on one rank end every rank within ``runtime.timeout_s``, each with a message naming the culprit.
+
+The measured times to exit are printed (run with ``-s``) and written to ``out/faults.json``; the
+README's fault table comes from them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.distributed import _free_port
+from tests.fault_worker import TIMEOUT_S
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "out" / "faults.json"
+
+
+def _run_job(mode: str, fault_rank: int, world: int = 4) -> tuple[list[int], list[str], float]:
+    """Start ``world`` ranks; return exit codes, outputs, and the seconds from the fault to the last exit."""
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "tests.fault_worker", mode, str(fault_rank)],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    ended: dict[int, float] = {}
+    deadline = time.monotonic() + 120
+    while len(ended) < world and time.monotonic() < deadline:
+        for rank, p in enumerate(procs):
+            if rank not in ended and p.poll() is not None:
+                ended[rank] = time.time()
+        time.sleep(0.02)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    outputs = [p.communicate()[0] for p in procs]
+    fault = re.search(r"FAULT (\d+\.\d+)", outputs[fault_rank])
+    assert fault, outputs[fault_rank]
+    assert len(ended) == world, f"ranks still running after 120 s: {outputs}"
+    return [p.returncode for p in procs], outputs, max(ended.values()) - float(fault.group(1))
+
+
+def _record(fault: str, behaviour: str, seconds: float) -> None:
+    RESULTS.parent.mkdir(exist_ok=True)
+    table = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    table[fault] = {"behaviour": behaviour, "seconds_to_exit": round(seconds, 2)}
+    RESULTS.write_text(json.dumps(table, indent=2))
+    print(f"\n{fault}: every rank exited {seconds:.2f} s after the fault")
+
+
+def test_killed_rank_is_named_by_the_others() -> None:
+    codes, outs, seconds = _run_job("kill", 2)
+    assert codes[2] == -signal.SIGKILL
+    for rank in (0, 1, 3):
+        assert codes[rank] == 1, outs[rank]
+        assert f"[rank {rank}] error: rank {rank}: layer 7 > " in outs[rank]
+        assert "no word from rank(s) [2]: presumed dead" in outs[rank]
+    assert seconds < TIMEOUT_S + 3
+    _record("rank 2 killed (SIGKILL) mid-run", "others exit 1 naming rank 2 and their stage", seconds)
+
+
+def test_rank_that_raises_is_named_with_its_error() -> None:
+    codes, outs, seconds = _run_job("raise", 1)
+    assert codes[1] == 1 and "TypeError in layer 7: EPMoE input: expected dtype torch.float32" in outs[1]
+    for rank in (0, 2, 3):
+        assert codes[rank] == 1, outs[rank]
+        assert "rank 1 failed: TypeError in layer 7" in outs[rank]
+    assert seconds < TIMEOUT_S + 3
+    _record("rank 1 raises (wrong dtype) mid-run", "all exit 1; the others quote rank 1's error", seconds)
+
+
+def test_hung_rank_times_out_everywhere_and_its_watchdog_names_the_stage() -> None:
+    codes, outs, seconds = _run_job("hang", 3)
+    assert codes[3] == 3 and "stuck in layer 7 > dispatch (simulated hang)" in outs[3]
+    for rank in (0, 1, 2):
+        assert codes[rank] == 1, outs[rank]
+        assert "no word from rank(s) [3]" in outs[rank]
+    assert seconds < 1.5 * TIMEOUT_S + 3
+    _record("rank 3 hangs inside a stage", "others time out (runtime.timeout_s); its watchdog exits 3", seconds)
+
+
+def test_nan_is_reported_on_every_rank_naming_rank_and_layer() -> None:
+    codes, outs, seconds = _run_job("nan", 0)
+    for rank in range(4):
+        assert codes[rank] == 1, outs[rank]
+        assert "layer 7 input: NaN/Inf on rank 0 (1 values) (runtime.check_finite)" in outs[rank]
+    assert seconds < TIMEOUT_S
+    _record("NaN in rank 0's input (check_finite on)", "all exit 1 naming rank 0 and the layer", seconds)
+
+
+@pytest.mark.parametrize("victim", [2])
+def test_launch_returns_nonzero_when_a_rank_is_killed(tmp_path: Path, victim: int) -> None:
+    """Through ``epruntime launch`` (torchrun's agent): the job ends and names the killed rank."""
+    log = tmp_path / "launch.log"
+    with log.open("w") as sink:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "epruntime", "launch", "--config", "configs/cpu-sim.yaml",
+             "--set", "topology.nnodes=2", "--set", "topology.ranks_per_node=2",
+             "--set", "runtime.iters=100000", "--set", "runtime.timeout_s=5"],
+            cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )  # fmt: skip
+        pid = None
+        deadline = time.monotonic() + 120
+        while pid is None and time.monotonic() < deadline:
+            found = re.search(rf"\[rank {victim}\] .*pid (\d+)", log.read_text())
+            pid = int(found.group(1)) if found else None
+            time.sleep(0.1)
+        assert pid, log.read_text()
+        time.sleep(1.0)  # mid-run
+        os.kill(pid, signal.SIGKILL)
+        killed = time.time()
+        code = launcher.wait(timeout=60)
+        seconds = time.time() - killed
+    text = log.read_text()
+    assert code != 0
+    assert f"first: rank {victim} exited with status -9" in text
+    assert seconds < 5 + 3
+    _record(f"rank {victim} killed under `epruntime launch`", "launcher stops the others, exits non-zero", seconds)
