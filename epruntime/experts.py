@@ -40,9 +40,9 @@ def grouped_mm_fits(dtype: torch.dtype, device: torch.device, *dims: int) -> boo
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:  # [..., 2I] gate then up -> [..., I]
-    """``silu(gate) * up`` of a fused gate/up projection."""
+    """``silu(gate) * up`` of a fused gate/up projection (one new tensor, multiplied in place)."""
     gate, up = h.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return F.silu(gate).mul_(up)
 
 
 def valid_rows(masked_m: torch.Tensor, capacity: int) -> torch.Tensor:  # [N] int64
@@ -116,9 +116,15 @@ class LocalExperts(nn.Module):
             return deep_gemm_grouped_contiguous(x, w, counts)
         return grouped_linear(x, w, counts, self.use_grouped_mm)
 
-    def swiglu(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:  # [N, H] expert-contiguous -> [N, H]
-        """Every expert's SwiGLU on its consecutive block of ``counts[e]`` rows (unweighted)."""
-        return self._linear(swiglu(self._linear(x, self.w13, counts)), self.w2, counts)
+    def swiglu(
+        self, x: torch.Tensor, counts: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> torch.Tensor:  # [N, H] expert-contiguous -> [N, H]
+        """Every expert's SwiGLU on its consecutive block of ``counts[e]`` rows, each row scaled by
+        ``weights [N]`` when given (applied to the ``[N, I]`` activation: the down projection is linear)."""
+        act = swiglu(self._linear(x, self.w13, counts))  # [N, I]
+        if weights is not None:
+            act.mul_(weights.unsqueeze(1))
+        return self._linear(act, self.w2, counts)
 
     def run(self, result: DispatchResult | MaskedDispatchResult) -> torch.Tensor:
         """The expert stage for either dispatch layout: ``[R, H]`` weighted, or ``[E_local, C, H]`` unweighted."""
@@ -160,8 +166,9 @@ class LocalExperts(nn.Module):
         num_pairs = int(tokens_per_expert.sum())
         pair = torch.argsort(keys, stable=True)[:num_pairs]  # [N] (row, k) pairs in expert order
         rows = torch.div(pair, k, rounding_mode="floor")  # [N]
-        out = self.swiglu(recv_x[rows], tokens_per_expert)  # [N, H]
-        weighted = out.float() * recv_topk_weights.reshape(-1)[pair].unsqueeze(1)  # [N, H] fp32
-        y = torch.zeros(num_rows, out.shape[1], dtype=torch.float32, device=out.device)  # [R, H]
-        y.index_add_(0, rows, weighted)
-        return y.to(recv_x.dtype)
+        xs = torch.index_select(recv_x, 0, rows)  # [N, H] expert-contiguous copies of the received rows
+        out = self.swiglu(xs, tokens_per_expert, recv_topk_weights.reshape(-1)[pair])  # [N, H] weighted
+        del xs
+        # Each row sums its (at most K) local pairs in the activation dtype, as transformers does;
+        # combine sums the ranks' rows in fp32.
+        return torch.zeros_like(recv_x).index_add_(0, rows, out)  # [R, H]

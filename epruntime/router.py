@@ -30,7 +30,15 @@ def _keep_best_blocks(
     return blocks.masked_fill(~mask.unsqueeze(-1), float("-inf")).view(num_tokens, num_experts)
 
 
+def _sum_of_top_two(blocks: torch.Tensor) -> torch.Tensor:  # [T, B, E/B] -> [T, B]
+    """Best plus second best of each block: two max passes, several times faster than topk(2) on CPU."""
+    best, where = blocks.max(dim=-1)  # [T, B]
+    return best + blocks.scatter(-1, where.unsqueeze(-1), float("-inf")).amax(dim=-1)
+
+
 def _sum_of_top(n: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    if n == 2:
+        return _sum_of_top_two
     return lambda blocks: blocks.topk(n, dim=-1).values.sum(dim=-1)
 
 

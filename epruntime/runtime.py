@@ -22,6 +22,7 @@ from . import health
 from .bootstrap import LaunchEnv as LaunchEnv  # re-exported: callers check worlds with it
 from .bootstrap import detect_launcher, reconcile_topology
 from .config import Config, ConfigError, check_environment, config_to_dict
+from .cpu_alloc import keep_buffers_in_heap
 from .topology import Topology
 
 
@@ -108,6 +109,7 @@ def init_runtime(cfg: Config) -> Runtime:
         device = torch.device("cuda", env.local_rank)
     else:
         device = torch.device("cpu")
+        keep_buffers_in_heap()
     if not dist.is_initialized():
         if env.launcher == "none":
             dist.init_process_group(cfg.topology.backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)

@@ -177,6 +177,16 @@ def unpack_routing(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return packed[:, :k].long(), packed[:, k:].contiguous().view(torch.float32)
 
 
+def attach_routing(rows: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
+    """Rows ``[P, H]`` and packed routing ``[P, 2K]`` int32 as one tensor, so they travel in one all-to-all."""
+    return torch.cat([rows, routing.view(rows.dtype)], dim=1)  # [P, H + 8K / element size]
+
+
+def detach_routing(packed: torch.Tensor, hidden: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`attach_routing`: rows ``[R, H]`` (a view), ids ``[R, K]`` int64, weights ``[R, K]`` fp32."""
+    return packed[:, :hidden], *unpack_routing(packed[:, hidden:].contiguous().view(torch.int32))
+
+
 def count_tokens_per_expert(recv_topk_idx: torch.Tensor, num_local_experts: int) -> torch.Tensor:
     """[E_local] number of (row, k) pairs routed to each local expert."""
     ids = recv_topk_idx[recv_topk_idx >= 0]

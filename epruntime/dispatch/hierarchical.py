@@ -20,7 +20,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import AsyncDispatcher, DispatchResult, Hop, InFlight, count_tokens_per_expert, pack_routing, unpack_routing
+from .base import (
+    AsyncDispatcher,
+    DispatchResult,
+    Hop,
+    InFlight,
+    attach_routing,
+    count_tokens_per_expert,
+    detach_routing,
+    pack_routing,
+)
 from .flat import destinations, localize
 
 
@@ -49,8 +58,9 @@ class HierarchicalDispatcher(AsyncDispatcher):
             x.device,
         )
         rail_routing = pack_routing(topk_idx[rail.src_row], topk_weights[rail.src_row])  # [P1, 2K] global ids
-        fwd_x = rail.send(x[rail.src_row])  # [F, H]
-        fwd_idx, fwd_weights = unpack_routing(rail.send(rail_routing))  # [F, K] global ids, [F, K]
+        fwd_x, fwd_idx, fwd_weights = detach_routing(
+            rail.send(attach_routing(x[rail.src_row], rail_routing)), x.shape[1]
+        )  # [F, H], [F, K] global ids, [F, K]
         self.count_sends("dispatch", rail.peers, rail.send_counts, row_bytes, rail_routing.shape[1] * 4)
 
         node_ranks = topo.node_ranks(rt.node)
@@ -60,13 +70,13 @@ class HierarchicalDispatcher(AsyncDispatcher):
         routing = pack_routing(
             localize(fwd_idx[intra.src_row], first_expert, e_local), fwd_weights[intra.src_row]
         )  # [P2, 2K] local ids
-        sent_x, sent_routing = intra.issue(fwd_x[intra.src_row]), intra.issue(routing)  # in flight: [R, H], [R, 2K]
+        sent = intra.issue(attach_routing(fwd_x[intra.src_row], routing))  # in flight: rows with their routing
         self.count_sends("dispatch", intra.peers, intra.send_counts, row_bytes, routing.shape[1] * 4)
 
         def finish() -> DispatchResult:
-            recv_idx, recv_weights = unpack_routing(sent_routing.wait())  # [R, K], [R, K]
+            recv_x, recv_idx, recv_weights = detach_routing(sent.wait(), x.shape[1])  # [R, H], [R, K], [R, K]
             return DispatchResult(
-                recv_x=sent_x.wait(),
+                recv_x=recv_x,
                 recv_topk_idx=recv_idx,
                 recv_topk_weights=recv_weights,
                 tokens_per_expert=count_tokens_per_expert(recv_idx, e_local),
