@@ -216,6 +216,8 @@ class TensorView(Mapping[str, torch.Tensor]):
         self.reader, self.prefix, self.dtype = reader, prefix, dtype
 
     def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self:
+            raise KeyError(f"checkpoint has no {self.where(key)}")
         return self.reader.tensor(self.prefix + key, self.dtype)
 
     def __contains__(self, key: object) -> bool:

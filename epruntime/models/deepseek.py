@@ -123,11 +123,7 @@ class DeepseekEP(nn.Module):
                 )
             )
         embed = load(lambda: nn.Embedding(config.vocab_size, config.hidden_size), "model.embed_tokens.")
-        if config.tie_word_embeddings and "lm_head.weight" not in reader:
-            lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device="meta")
-            lm_head.weight = embed.weight
-        else:
-            lm_head = load(lambda: nn.Linear(config.hidden_size, config.vocab_size, bias=False), "lm_head.")
+        lm_head = load(lambda: nn.Linear(config.hidden_size, config.vocab_size, bias=False), "lm_head.")
         return cls(config, rt, embed, layers, load(norm(config.hidden_size), "model.norm."), lm_head)
 
     def new_cache(self) -> DynamicCache:
@@ -168,7 +164,7 @@ class DeepseekEP(nn.Module):
     def weight_bytes(self) -> dict[str, int]:
         """Bytes of weights resident on this rank: its routed experts, the replicated rest, and the total."""
         routed = {p.data_ptr() for layer in self.layers if layer.is_moe for p in layer.mlp.experts.parameters()}
-        tensors = {t.data_ptr(): t for t in self.state_dict().values()}  # tied weights counted once
+        tensors = {t.data_ptr(): t for t in self.state_dict().values()}  # shared storage counted once
         out = {"routed_experts": 0, "replicated": 0}
         for ptr, t in tensors.items():
             out["routed_experts" if ptr in routed else "replicated"] += t.numel() * t.element_size()
