@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+import torch.distributed as dist
 
 from .config import DISPATCHERS, SHARED_EXPERT_MODES, Config, ConfigError, check_environment, load_config
 
@@ -127,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_main(cfg, args.verify, args.json_path, args.shared_modes)
     except ConfigError as exc:
-        print(f"epruntime: error: {exc}", file=sys.stderr)
+        print(f"epruntime: error: {exc}", file=sys.stderr, flush=True)
+        if dist.is_initialized():  # found after start-up (ranks disagree): leave without tearing down gloo
+            sys.stdout.flush()
+            os._exit(2)
         return 2
 
 

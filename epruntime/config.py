@@ -62,6 +62,9 @@ class MoEConfig:
         hf_dtype = config_json.get("torch_dtype", config_json.get("dtype"))
         if isinstance(hf_dtype, str) and hf_dtype in DTYPES:
             values["dtype"] = hf_dtype
+        block = (config_json.get("quantization_config") or {}).get("weight_block_size")
+        if block is not None:
+            values["weight_block_size"] = list(block)  # FP8 checkpoints: [128, 128]
         values.update(overrides)
         model = _build(cls, "model", values)
         _validate_model(model)

@@ -159,7 +159,7 @@ class LocalExperts(nn.Module):
         recv_topk_weights: torch.Tensor,  # [R, K] fp32
         tokens_per_expert: torch.Tensor,  # [E_local]
     ) -> torch.Tensor:  # [R, H] weighted sum of this rank's experts per received row
-        num_rows, k = recv_topk_idx.shape
+        k = recv_topk_idx.shape[1]
         flat_idx = recv_topk_idx.reshape(-1)  # [R*K]
         # Pairs pointing elsewhere (-1) sort last under key E_local and are cut off.
         keys = torch.where(flat_idx >= 0, flat_idx, self.num_experts)

@@ -44,6 +44,7 @@ def generate_config(
     ckpt = reader.moe_config(**({"dtype": dtype} if dtype else {}))
     from_ckpt = {f.name: getattr(ckpt, f.name) for f in dataclasses.fields(ckpt) if f.name in reader.hf_config}
     from_ckpt["dtype"] = ckpt.dtype
+    from_ckpt["weight_block_size"] = ckpt.weight_block_size  # from quantization_config, when there is one
     for text in overrides:
         if text.partition("=")[0].strip().removeprefix("model.") in from_ckpt:
             raise ConfigError(f"--set {text}: {reader.path}/config.json sets this field; use --dtype for the dtype")

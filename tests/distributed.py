@@ -21,7 +21,7 @@ from typing import Any
 from epruntime.config import Config, config_from_dict, config_to_dict
 
 _CTX = mp.get_context("forkserver")
-_CTX.set_forkserver_preload(["torch", "epruntime"])
+_CTX.set_forkserver_preload(["torch", "epruntime", "epruntime.models"])  # transformers once, not per rank
 
 
 def _free_port() -> int:

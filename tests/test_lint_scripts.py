@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ PATTERNS = ("launch/**/*.sh", "launch/**/*.sbatch", "scripts/*.sh", "tests/**/*.
 
 
 def _linter(name: str, how_to_get: str) -> str:
-    exe = shutil.which(name)
+    exe = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))  # the venv's bin too
     if exe is None:
         pytest.skip(f"{name} is not installed ({how_to_get})")
     return exe
