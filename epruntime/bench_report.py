@@ -87,7 +87,9 @@ def plot_bench(report: dict[str, Any], path: str) -> str:
         values = [c["timing_ms"][stage] for c in cases]
         ax.bar(labels, values, bottom=bottom, label=stage)
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-    ax.set_ylabel("median ms per layer (slowest rank)")
+    totals = [c["timing_ms"]["total"] for c in cases]
+    ax.scatter(labels, totals, marker="_", s=900, color="black", zorder=3, label="total")
+    ax.set_ylabel("median ms per layer (slowest rank; stages overlap)")
     ax.set_title(f"epruntime bench: {report['world_size']} ranks, {report['dtype']}")
     ax.legend(fontsize=8)
     ax.tick_params(axis="x", labelrotation=45, labelsize=8)
