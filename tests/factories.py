@@ -42,6 +42,25 @@ def make_config(
     )
 
 
+def gpu_config(world: int, dispatcher: str, capacity: int) -> Config:
+    """A one-node CUDA/NCCL config (bf16, hidden 2048, as DeepEP's kernels want) for the GPU tests."""
+    return config_from_dict(
+        {
+            "model": dict(
+                hidden_size=2048,
+                moe_intermediate_size=256,
+                n_routed_experts=16,
+                num_experts_per_tok=4,
+                n_group=4,
+                topk_group=2,
+                dtype="bfloat16",
+            ),
+            "topology": {"nnodes": 1, "ranks_per_node": world, "device": "cuda", "backend": "nccl"},
+            "runtime": {"dispatcher": dispatcher, "max_tokens_per_rank": capacity, "tokens_per_rank": capacity},
+        }
+    )
+
+
 def hf_config(cfg: Config):
     """The transformers DeepseekV3Config of ``cfg.model`` (one layer, eager experts)."""
     return hf_moe_config(cfg.model)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from epruntime.config import CAPACITY_DISPATCHERS, DEEPEP_DISPATCHERS, config_from_dict
+from epruntime.config import CAPACITY_DISPATCHERS, DEEPEP_DISPATCHERS
 from epruntime.dispatch import BACKENDS, MaskedDispatchResult, make_dispatcher
 from epruntime.dispatch.deepep import deep_ep_import_error
 from epruntime.dispatch.lowlatency import CapacityError
@@ -26,7 +26,7 @@ from epruntime.moe import EPMoE
 from epruntime.reference import reference_moe
 from epruntime.runtime import Runtime
 from tests.distributed import run_world
-from tests.factories import layer_weights, make_config, rel_err, tokens
+from tests.factories import gpu_config, layer_weights, make_config, rel_err, tokens
 
 TORCH_BACKENDS = [name for name in BACKENDS if name not in DEEPEP_DISPATCHERS]
 CAPACITY = 8  # runtime.max_tokens_per_rank of the contract worlds
@@ -207,21 +207,7 @@ def test_contract_on_deepep(name: str) -> None:
     if reason:
         pytest.skip(reason)
     world = 2
-    cfg = config_from_dict(
-        {
-            "model": dict(
-                hidden_size=2048,
-                moe_intermediate_size=256,
-                n_routed_experts=16,
-                num_experts_per_tok=4,
-                n_group=4,
-                topk_group=2,
-                dtype="bfloat16",
-            ),
-            "topology": {"nnodes": 1, "ranks_per_node": world, "device": "cuda", "backend": "nccl"},
-            "runtime": {"dispatcher": name, "max_tokens_per_rank": CAPACITY, "tokens_per_rank": CAPACITY},
-        }
-    )
+    cfg = gpu_config(world, name, CAPACITY)
     m = cfg.model
     cases = contract_cases(world, m.hidden_size, m.n_routed_experts, m.num_experts_per_tok)
     outputs = run_world(_dispatch_cases, cfg, [name], cases)

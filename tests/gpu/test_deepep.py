@@ -5,14 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from epruntime.config import config_from_dict
 from epruntime.dispatch import make_dispatcher
 from epruntime.dispatch.deepep import deep_ep_import_error
 from epruntime.moe import EPMoE
 from epruntime.reference import reference_moe
 from epruntime.runtime import Runtime
 from tests.distributed import run_world
-from tests.factories import layer_weights, rel_err, tokens
+from tests.factories import gpu_config, layer_weights, rel_err, tokens
 from tests.gpu import gpu_count_reason
 
 pytestmark = pytest.mark.gpu
@@ -38,21 +37,7 @@ def _outputs(rt: Runtime, sd: dict, xs: list[torch.Tensor]) -> dict[str, torch.T
 
 @pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
 def test_deepep_layer_equals_flat() -> None:
-    cfg = config_from_dict(
-        {
-            "model": dict(
-                hidden_size=2048,
-                moe_intermediate_size=256,
-                n_routed_experts=16,
-                num_experts_per_tok=4,
-                n_group=4,
-                topk_group=2,
-                dtype="bfloat16",
-            ),
-            "topology": {"nnodes": 1, "ranks_per_node": WORLD, "device": "cuda", "backend": "nccl"},
-            "runtime": {"dispatcher": "flat", "max_tokens_per_rank": 32, "tokens_per_rank": 32},
-        }
-    )
+    cfg = gpu_config(WORLD, "flat", 32)
     sd = {k: v.bfloat16() if k.startswith(("experts", "shared")) else v for k, v in layer_weights(cfg, 9).items()}
     xs = [tokens(n, 2048, 90 + r) for r, n in enumerate([32, 5][:WORLD])]
     outputs = run_world(_outputs, cfg, sd, xs)
