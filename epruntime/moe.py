@@ -60,16 +60,17 @@ class EPMoE(nn.Module):
         """Build from one layer's HF weights (names relative to ``mlp.``), keeping only this rank's experts."""
         dtype, device = cfg.torch_dtype, rt.device
         par = expert_parallel(rt)
-        t, n = par.tp_rank, par.tp_size
+        tp_rank, tp_size = par.tp_rank, par.tp_size
         w13, w2 = expert_weights(state_dict, cfg, par.ep.topo.expert_range(par.ep.rank))  # [E_l, 2I, H], [E_l, H, I]
-        w13, w2 = tp_slice_gate_up(w13, t, n), tp_slice(w2, -1, t, n)  # this rank's intermediate slice
+        w13, w2 = tp_slice_gate_up(w13, tp_rank, tp_size), tp_slice(w2, -1, tp_rank, tp_size)  # this rank's slice
         experts = LocalExperts(cfg, w13.to(device, dtype), w2.to(device, dtype), rt.cfg.runtime.grouped_gemm)
-        router = Router(cfg, *(t.to(device) for t in gate_weights(state_dict, cfg)), rt.topo.experts_per_node)
+        gate, bias = gate_weights(state_dict, cfg)
+        router = Router(cfg, gate.to(device), bias.to(device), rt.topo.experts_per_node)
         shared = None
         if cfg.n_shared_experts:
             s13, s2 = shared_weights(state_dict, cfg)  # [2I_s, H], [H, I_s]
             if rt.cfg.runtime.shared_expert_tp > 1:
-                s13, s2 = tp_slice_gate_up(s13, t, n), tp_slice(s2, -1, t, n)
+                s13, s2 = tp_slice_gate_up(s13, tp_rank, tp_size), tp_slice(s2, -1, tp_rank, tp_size)
             shared = SharedExpert(s13.to(device, dtype), s2.to(device, dtype))
         return cls(cfg, rt, router, experts, shared)
 
