@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 T = TypeVar("T")
 POLL_S = 1.0  # watchdog period
-SETTLE_S = 2.0  # how long a failed rank waits for the others' reports
+SETTLE_S = 1.0  # how long a failed rank waits for the others' reports
 _PREFIX = "epruntime/"
 
 

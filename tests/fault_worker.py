@@ -19,7 +19,7 @@ from epruntime import EPMoE, init_runtime
 from epruntime.health import run_or_exit, stage
 from tests.factories import make_config, tokens
 
-TIMEOUT_S = 4.0
+TIMEOUT_S = 6.0
 FAULT_AT = 3
 
 

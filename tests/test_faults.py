@@ -23,9 +23,10 @@ from tests.fault_worker import TIMEOUT_S
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "out" / "faults.json"
-# A peer notices at once (closed socket) or at runtime.timeout_s (hang); it then waits up to SETTLE_S for
-# reports, and rank 0, the store host, lingers SETTLE_S more before it exits. Plus slack for a loaded machine.
-EXIT_WITHIN_S = TIMEOUT_S + 2 * SETTLE_S + 3
+# A dead or failing rank is noticed at once (closed socket): every rank is gone within runtime.timeout_s.
+# A hung one is noticed at runtime.timeout_s; the others then wait up to SETTLE_S for reports, and rank 0,
+# the store host, lingers SETTLE_S more; the hung rank's own watchdog fires at 1.5 x timeout_s.
+HANG_EXIT_WITHIN_S = 1.5 * TIMEOUT_S + 2 * SETTLE_S + 2
 
 
 def _run_job(mode: str, fault_rank: int, world: int = 4) -> tuple[list[int], list[str], float]:
@@ -85,7 +86,7 @@ def test_killed_rank_is_named_by_the_others() -> None:
         assert codes[rank] == 1, outs[rank]
         assert f"[rank {rank}] error: rank {rank}: layer 7 > " in outs[rank]
         assert "no word from rank(s) [2]: presumed dead" in outs[rank]
-    assert seconds < EXIT_WITHIN_S
+    assert seconds < TIMEOUT_S
     _record("rank 2 killed (SIGKILL) mid-run", "others exit 1 naming rank 2 and their stage", seconds)
 
 
@@ -95,7 +96,7 @@ def test_rank_that_raises_is_named_with_its_error() -> None:
     for rank in (0, 2, 3):
         assert codes[rank] == 1, outs[rank]
         assert "rank 1 failed: TypeError in layer 7" in outs[rank]
-    assert seconds < EXIT_WITHIN_S
+    assert seconds < TIMEOUT_S
     _record("rank 1 raises (wrong dtype) mid-run", "all exit 1; the others quote rank 1's error", seconds)
 
 
@@ -105,7 +106,7 @@ def test_hung_rank_times_out_everywhere_and_its_watchdog_names_the_stage() -> No
     for rank in (0, 1, 2):
         assert codes[rank] == 1, outs[rank]
         assert "no word from rank(s) [3]" in outs[rank]
-    assert seconds < EXIT_WITHIN_S + 0.5 * TIMEOUT_S  # the hung rank's own watchdog: 1.5 x timeout_s
+    assert seconds < HANG_EXIT_WITHIN_S
     _record("rank 3 hangs inside a stage", "others time out (runtime.timeout_s); its watchdog exits 3", seconds)
 
 
@@ -114,7 +115,7 @@ def test_nan_is_reported_on_every_rank_naming_rank_and_layer() -> None:
     for rank in range(4):
         assert codes[rank] == 1, outs[rank]
         assert "layer 7 input: NaN/Inf on rank 0 (1 values) (runtime.check_finite)" in outs[rank]
-    assert seconds < EXIT_WITHIN_S
+    assert seconds < TIMEOUT_S
     _record("NaN in rank 0's input (check_finite on)", "all exit 1 naming rank 0 and the layer", seconds)
 
 
@@ -144,5 +145,5 @@ def test_launch_returns_nonzero_when_a_rank_is_killed(tmp_path: Path, victim: in
     text = log.read_text()
     assert code != 0
     assert f"first: rank {victim} exited with status -9" in text
-    assert seconds < 5 + 3
+    assert seconds < 5  # runtime.timeout_s of this job
     _record(f"rank {victim} killed under `epruntime launch`", "launcher stops the others, exits non-zero", seconds)
