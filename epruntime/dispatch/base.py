@@ -147,6 +147,20 @@ class Hop:
         out, work = issue_all_to_all_rows(rows, self.send_counts, self.recv_counts, self.group)
         return InFlight([work], lambda: out)
 
+    def issue_dispatch(
+        self, rows: torch.Tensor, routing: torch.Tensor, num_local_experts: int, handle: Any
+    ) -> InFlight:  # rows [P, H], routing [P, 2K] local ids -> DispatchResult once waited
+        """Start the last hop of a dispatch: rows and their routing in one all-to-all; waiting gives the
+        receiver's :class:`DispatchResult` (with ``handle`` for combine)."""
+        sent = self.issue(attach_routing(rows, routing))
+
+        def finish() -> DispatchResult:
+            recv_x, recv_idx, recv_weights = detach_routing(sent.wait(), rows.shape[1])  # [R, H], [R, K], [R, K]
+            tokens_per_expert = count_tokens_per_expert(recv_idx, num_local_experts)
+            return DispatchResult(recv_x, recv_idx, recv_weights, tokens_per_expert, handle)
+
+        return InFlight([], finish)
+
     def send(self, rows: torch.Tensor) -> torch.Tensor:  # [P, *] ordered by destination -> [R, *]
         """Deliver the sent rows (already gathered by ``src_row``) to their peers."""
         return self.issue(rows).wait()

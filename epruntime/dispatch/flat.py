@@ -8,12 +8,8 @@ import torch
 
 from .base import (
     AsyncDispatcher,
-    DispatchResult,
     Hop,
     InFlight,
-    attach_routing,
-    count_tokens_per_expert,
-    detach_routing,
     pack_routing,
 )
 
@@ -49,20 +45,8 @@ class FlatDispatcher(AsyncDispatcher):
         hop = Hop.plan(needs, self.rt.world_group, list(range(world)), x.device)
         rows = hop.src_row
         routing = pack_routing(localize(topk_idx[rows], hop.dest * e_local, e_local), topk_weights[rows])  # [P, 2K]
-        sent = hop.issue(attach_routing(x[rows], routing))  # in flight: rows and their routing together
         self.count_sends("dispatch", hop.peers, hop.send_counts, x.shape[1] * x.element_size(), routing.shape[1] * 4)
-
-        def finish() -> DispatchResult:
-            recv_x, recv_idx, recv_weights = detach_routing(sent.wait(), x.shape[1])  # [R, H], [R, K], [R, K]
-            return DispatchResult(
-                recv_x=recv_x,
-                recv_topk_idx=recv_idx,
-                recv_topk_weights=recv_weights,
-                tokens_per_expert=count_tokens_per_expert(recv_idx, e_local),
-                handle=FlatHandle(hop, x.shape[0]),
-            )
-
-        return InFlight([], finish)
+        return hop.issue_dispatch(x[rows], routing, e_local, FlatHandle(hop, x.shape[0]))
 
     def combine_a(self, y: torch.Tensor, handle: FlatHandle) -> InFlight:
         hop = handle.hop

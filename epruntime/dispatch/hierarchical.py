@@ -22,11 +22,9 @@ import torch
 
 from .base import (
     AsyncDispatcher,
-    DispatchResult,
     Hop,
     InFlight,
     attach_routing,
-    count_tokens_per_expert,
     detach_routing,
     pack_routing,
 )
@@ -70,20 +68,9 @@ class HierarchicalDispatcher(AsyncDispatcher):
         routing = pack_routing(
             localize(fwd_idx[intra.src_row], first_expert, e_local), fwd_weights[intra.src_row]
         )  # [P2, 2K] local ids
-        sent = intra.issue(attach_routing(fwd_x[intra.src_row], routing))  # in flight: rows with their routing
         self.count_sends("dispatch", intra.peers, intra.send_counts, row_bytes, routing.shape[1] * 4)
-
-        def finish() -> DispatchResult:
-            recv_x, recv_idx, recv_weights = detach_routing(sent.wait(), x.shape[1])  # [R, H], [R, K], [R, K]
-            return DispatchResult(
-                recv_x=recv_x,
-                recv_topk_idx=recv_idx,
-                recv_topk_weights=recv_weights,
-                tokens_per_expert=count_tokens_per_expert(recv_idx, e_local),
-                handle=HierarchicalHandle(rail, intra, x.shape[0], fwd_x.shape[0]),
-            )
-
-        return InFlight([], finish)
+        handle = HierarchicalHandle(rail, intra, x.shape[0], fwd_x.shape[0])
+        return intra.issue_dispatch(fwd_x[intra.src_row], routing, e_local, handle)
 
     def combine_a(self, y: torch.Tensor, handle: HierarchicalHandle) -> InFlight:
         row_bytes = y.shape[1] * y.element_size()
