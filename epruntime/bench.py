@@ -25,7 +25,7 @@ from .cpu_alloc import glibc_default_malloc
 from .dispatch import make_dispatcher
 from .job import measure_layer, synthetic_tokens
 from .moe import EPMoE
-from .runtime import Runtime, init_runtime
+from .runtime import Runtime, end_rank, init_runtime
 from .topology import Topology
 from .weights import random_state_dict
 
@@ -220,6 +220,4 @@ def bench_main(
         Path(json_path).write_text(json.dumps(report, indent=2))
         if plot_path:
             print(plot_bench(report, plot_path), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0
+    end_rank(0)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from .bootstrap import detect_launcher
 from .checkpoint import CheckpointError, CheckpointReader
 from .config import Config, ConfigError, config_from_dict, load_config
-from .runtime import Runtime, init_runtime, shutdown_runtime
+from .runtime import Runtime, end_rank, init_runtime
 
 
 def parse_ids(text: str) -> list[int]:
@@ -120,5 +120,4 @@ def generate_main(args: argparse.Namespace) -> int:
     if rt.rank == 0:
         for _, ids in sorted(pair for part in gathered for pair in part):
             print(",".join(map(str, ids)), flush=True)
-    shutdown_runtime()
-    return 0
+    end_rank(0)

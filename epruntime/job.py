@@ -15,7 +15,7 @@ from .config import Config, config_to_dict
 from .dispatch import traffic_report
 from .moe import EPMoE
 from .reference import reference_moe
-from .runtime import Runtime, init_runtime
+from .runtime import Runtime, end_rank, init_runtime
 from .shared_modes import compare_shared_modes, format_shared_modes
 from .timing import STAGES
 from .weights import random_state_dict
@@ -136,7 +136,7 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 def run_main(cfg: Config, verify: bool, json_path: str | None, shared_modes: bool = False) -> int:
-    """Entry point of ``epruntime run`` inside a launched rank; returns the exit status."""
+    """Entry point of ``epruntime run`` inside a launched rank; ends the rank with the exit status."""
     rt = init_runtime(cfg)
     rt.log(
         f"node {rt.node} local {rt.local_index}, experts {rt.topo.expert_range(rt.rank)}, "
@@ -148,7 +148,4 @@ def run_main(cfg: Config, verify: bool, json_path: str | None, shared_modes: boo
         if json_path:
             Path(json_path).parent.mkdir(parents=True, exist_ok=True)
             Path(json_path).write_text(json.dumps(summary, indent=2))
-    ok = summary.get("verify", {}).get("ok", True)
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0 if ok else 1
+    end_rank(0 if summary.get("verify", {}).get("ok", True) else 1)
