@@ -4,12 +4,9 @@ dense matmul of the expert stage's GEMM shapes as the machine's limit."""
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
-import os
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +23,8 @@ from .dispatch import make_dispatcher
 from .job import measure_layer, synthetic_tokens
 from .moe import EPMoE
 from .runtime import Runtime, end_rank, init_runtime
-from .topology import Topology
+from .single_rank import SingleRankBaseline
+from .timing import time_ms
 from .weights import random_state_dict
 
 PEERS = ("eager", "grouped_mm")  # transformers' experts implementations
@@ -45,16 +43,6 @@ class BenchCase:
         return f"{self.dispatcher}/{self.shared_expert}/{self.tokens_per_rank}"
 
 
-def _time_ms(fn: Callable[[], Any], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3
-
-
 def interleaved_medians(
     fns: dict[str, Callable[[], Any]], reps: int, device: torch.device, block: int = 3
 ) -> dict[str, float]:
@@ -65,7 +53,7 @@ def interleaved_medians(
     while min(len(t) for t in samples.values()) < reps:
         for name, fn in fns.items():
             fn()
-            samples[name] += [_time_ms(fn, device) for _ in range(min(block, reps - len(samples[name])))]
+            samples[name] += [time_ms(fn, device) for _ in range(min(block, reps - len(samples[name])))]
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
@@ -131,39 +119,11 @@ def _hf_peers(cfg: Config, layer: EPMoE, x: torch.Tensor, reps: int) -> dict[str
     return peers
 
 
-def _single_rank_time(rt: Runtime, layer_seed: int, tokens_per_rank: int, reps: int) -> float | None:
-    """Rank 0 alone (all cores, all experts) on every rank's tokens; the others wait. None on rank != 0."""
-    group = dist.new_group([0])
-    ms = None
-    if rt.rank == 0:
-        cfg = rt.cfg.replace(
-            topology=dataclasses.replace(rt.cfg.topology, nnodes=1, ranks_per_node=1),
-            runtime=dataclasses.replace(rt.cfg.runtime, moe_tp=1, shared_expert_tp=1),
-        )
-        one = dataclasses.replace(
-            rt,
-            cfg=cfg,
-            topo=Topology(1, 1, rt.topo.num_experts),
-            rank=0,
-            world_group=group,
-            intra_group=group,
-            rail_group=group,
-            expert_parallel=None,
-        )
-        layer = EPMoE.random(cfg.model, one, seed=layer_seed)
-        x = torch.cat([synthetic_tokens(rt.cfg, r, tokens_per_rank) for r in range(rt.world_size)]).to(rt.device)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(os.cpu_count() or 1)
-        try:
-            ms = median_ms(lambda: layer(x), reps, rt.device)
-        finally:
-            torch.set_num_threads(threads)
-    dist.barrier()
-    return ms
-
-
-def bench_cases(rt: Runtime, cases: list[BenchCase], reps: int, progress: Callable[[str], None]) -> list[dict]:
-    """Measure every case (all ranks together); returns one record per case."""
+def bench_cases(
+    rt: Runtime, cases: list[BenchCase], reps: int, progress: Callable[[str], None], single_rank_baseline: bool = False
+) -> list[dict]:
+    """Measure every case (all ranks together); returns one record per case. With ``single_rank_baseline``
+    (and more than one rank) each case's timed forwards alternate with rank 0 alone on the same work."""
     cfg = rt.cfg
     layer = EPMoE.random(cfg.model, rt, seed=cfg.runtime.seed)
     records = []
@@ -172,10 +132,17 @@ def bench_cases(rt: Runtime, cases: list[BenchCase], reps: int, progress: Callab
         layer.dispatcher = make_dispatcher(layer.parallel.ep, case.dispatcher)
         layer.shared_mode = case.shared_expert
         x = synthetic_tokens(cfg, rt.rank // cfg.runtime.moe_tp, case.tokens_per_rank).to(rt.device)
-        stats, _ = measure_layer(layer, x, cfg.runtime.warmup, reps)
+        baseline = None
+        if single_rank_baseline and rt.world_size > 1:
+            baseline = SingleRankBaseline(rt, cfg.runtime.seed, case.tokens_per_rank)
+        stats, _ = measure_layer(layer, x, cfg.runtime.warmup, reps, between=baseline.turn if baseline else None)
         record = {"case": case.__dict__ | {"label": case.label}, **stats, **_expert_stage(rt, layer, x, reps)}
         if rt.world_size == 1:
             record["peers"] = _hf_peers(cfg, layer, x, reps)
+        if baseline is not None and rt.rank == 0:
+            one = baseline.median_ms()
+            record["single_rank_ms"] = one
+            record["ratio_to_single_rank"] = record["timing_ms"]["total"] / one
         records.append(record)
     return records
 
@@ -196,7 +163,7 @@ def bench_main(
     rt = init_runtime(cfg)
     cases = [BenchCase(*c) for c in itertools.product(tokens, dispatchers, shared)]
     bar = progress_bar(len(cases), enabled=rt.rank == 0)
-    records = health.run_or_exit(lambda: bench_cases(rt, cases, reps, bar))
+    records = health.run_or_exit(lambda: bench_cases(rt, cases, reps, bar, single_rank_baseline))
     bar.close()
     report: dict[str, Any] = {
         "world_size": rt.world_size,
@@ -207,13 +174,6 @@ def bench_main(
         "threads_per_rank": torch.get_num_threads(),
         "cases": records,
     }
-    if single_rank_baseline and rt.world_size > 1:
-        baseline = {t: _single_rank_time(rt, cfg.runtime.seed, t, reps) for t in tokens}
-        if rt.rank == 0:
-            for record in records:
-                one = baseline[record["case"]["tokens_per_rank"]]
-                record["single_rank_ms"] = one
-                record["ratio_to_single_rank"] = record["timing_ms"]["total"] / one
     if rt.rank == 0:
         print(format_bench(report), flush=True)
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,17 +49,28 @@ def verify_output(rt: Runtime, layer_seed: int, x: torch.Tensor, y: torch.Tensor
     return {"max_abs_err": err, "max_rel_err": rel, "tolerance": tol, "ok": rel <= tol}
 
 
-def measure_layer(layer: EPMoE, x: torch.Tensor, warmup: int, iters: int) -> tuple[dict[str, Any], torch.Tensor]:
+def measure_layer(
+    layer: EPMoE,
+    x: torch.Tensor,
+    warmup: int,
+    iters: int,
+    between: Callable[[int], None] | None = None,
+    block: int = 3,
+) -> tuple[dict[str, Any], torch.Tensor]:
     """Warm up, time ``iters`` forwards; stage medians of the slowest rank, traffic per layer, tokens/s.
 
-    Every rank must call it; every rank gets the same figures, and its own last output.
+    Every rank must call it; every rank gets the same figures, and its own last output. ``between(n)``,
+    when given, runs before each block of ``block`` timed forwards (a contender timed in turns with
+    this layer, ``n`` calls per turn).
     """
     tp = layer.parallel.tp_size  # the ranks of one expert-TP group share their tokens
     for _ in range(warmup):
         layer(x)
     layer.timer.reset()
     layer.dispatcher.traffic.reset()
-    for _ in range(iters):
+    for i in range(iters):
+        if between is not None and i % block == 0:
+            between(min(block, iters - i))
         y = layer(x)
     medians = layer.timer.medians_ms()
     slowest = dict(zip(STAGES, _reduce([medians[s] for s in STAGES], dist.ReduceOp.MAX), strict=True))

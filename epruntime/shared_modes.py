@@ -4,7 +4,6 @@ each as a ratio to ``serial`` measured in the same run."""
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Any
 
 import torch
@@ -13,15 +12,12 @@ import torch.distributed as dist
 from .config import SHARED_EXPERT_MODES
 from .memtrack import peak_bytes
 from .moe import EPMoE
+from .timing import time_ms
 
 
 def _time_ms(layer: EPMoE, x: torch.Tensor) -> float:
     dist.barrier()  # every rank starts the layer together, as in a model
-    start = time.perf_counter()
-    layer(x)
-    if x.device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3
+    return time_ms(lambda: layer(x), x.device)
 
 
 def compare_shared_modes(layer: EPMoE, x: torch.Tensor, iters: int) -> dict[str, Any]:

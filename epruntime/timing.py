@@ -5,14 +5,26 @@ from __future__ import annotations
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
 from . import health
 
 STAGES = ("router", "dispatch", "experts", "combine", "shared", "total")
+
+
+def time_ms(fn: Callable[[], Any], device: torch.device) -> float:
+    """Wall milliseconds of one ``fn()`` call, with the GPU's queued work included on CUDA."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
 
 
 class StageTimer:

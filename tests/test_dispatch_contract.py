@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from epruntime.config import CAPACITY_DISPATCHERS, DEEPEP_DISPATCHERS
-from epruntime.dispatch import BACKENDS, MaskedDispatchResult, make_dispatcher
+from epruntime.dispatch import BACKENDS, MOVES_ROWS, MaskedDispatchResult, make_dispatcher
 from epruntime.dispatch.deepep import deep_ep_import_error
 from epruntime.dispatch.lowlatency import CapacityError
 from epruntime.moe import EPMoE
@@ -189,6 +189,26 @@ def cpu_contract() -> tuple[list[dict], list[Case], int]:
 def test_contract_on_cpu(name: str, cpu_contract) -> None:
     outputs, cases, e_local = cpu_contract
     check_backend(name, outputs, cases, e_local, tol=1e-6)
+
+
+def _local_dispatchers(rt: Runtime, cases: list[Case]) -> tuple[list[str], dict[str, object], dict[str, int]]:
+    dispatchers = [make_dispatcher(rt, name) for name in MOVES_ROWS]
+    outputs = _dispatch_cases(rt, list(MOVES_ROWS), cases)
+    return [type(d).__name__ for d in dispatchers], outputs, dict(dispatchers[0].traffic.bytes)
+
+
+def test_one_rank_world_moves_nothing_and_keeps_the_contract() -> None:
+    cfg = make_config(1, 1, runtime={"tokens_per_rank": CAPACITY})
+    m = cfg.model
+    cases = [
+        _case("one rank", [CAPACITY], m.hidden_size, m.n_routed_experts, m.num_experts_per_tok, 4),
+        _case("empty", [0], m.hidden_size, m.n_routed_experts, m.num_experts_per_tok, 5),
+    ]
+    [(kinds, outputs, traffic)] = run_world(_local_dispatchers, cfg, cases)
+    assert kinds == ["LocalDispatcher"] * len(MOVES_ROWS)
+    for name in MOVES_ROWS:
+        check_backend(name, [outputs], cases, m.n_routed_experts, tol=0.0)
+    assert traffic == {}
 
 
 def _deepep_skip_reason() -> str | None:

@@ -8,6 +8,7 @@ from .base import Dispatcher, DispatchResult, MaskedDispatchResult, Traffic, tra
 from .deepep import DeepEPDispatcher, DeepEPLowLatencyDispatcher
 from .flat import FlatDispatcher
 from .hierarchical import HierarchicalDispatcher
+from .local import LocalDispatcher
 from .lowlatency import LowLatencyDispatcher
 
 BACKENDS: dict[str, type[Dispatcher]] = {"flat": FlatDispatcher, "hierarchical": HierarchicalDispatcher}
@@ -17,11 +18,16 @@ BACKENDS.update(
     deepep_low_latency=DeepEPLowLatencyDispatcher,
     auto=AutoDispatcher,
 )
+MOVES_ROWS = ("flat", "hierarchical")  # torch.distributed backends with nothing to do on a one-rank EP world
 
 
 def make_dispatcher(rt: Runtime, name: str | None = None) -> Dispatcher:
-    """The dispatcher named by ``runtime.dispatcher`` (or ``name``), bound to this rank's groups."""
-    return BACKENDS[name or rt.cfg.runtime.dispatcher](rt)
+    """The dispatcher named by ``runtime.dispatcher`` (or ``name``), bound to this rank's groups; on a
+    one-rank EP world ``flat`` and ``hierarchical`` skip communication (:class:`LocalDispatcher`)."""
+    name = name or rt.cfg.runtime.dispatcher
+    if name in MOVES_ROWS and rt.world_size == 1:
+        return LocalDispatcher(rt, name)
+    return BACKENDS[name](rt)
 
 
 __all__ = [

@@ -1,0 +1,73 @@
+"""The multi-rank benchmark's baseline: rank 0 alone, with all cores and all experts, on every rank's tokens.
+
+Its calls are timed in turns between the multi-rank layer's (``measure_layer(..., between=...)``), so
+that both see the same machine: on a shared VM whose speed drifts over minutes, a baseline timed
+before or after the sweep would move the ratio by more than the effect being measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+
+import torch
+import torch.distributed as dist
+
+from .job import synthetic_tokens
+from .moe import EPMoE
+from .runtime import Runtime
+from .timing import time_ms
+from .topology import Topology
+
+
+def one_rank_runtime(rt: Runtime, group: dist.ProcessGroup) -> Runtime:
+    """``rt`` as a one-rank world of its own (``group`` holds only this rank): every expert is local."""
+    cfg = rt.cfg.replace(
+        topology=dataclasses.replace(rt.cfg.topology, nnodes=1, ranks_per_node=1),
+        runtime=dataclasses.replace(rt.cfg.runtime, moe_tp=1, shared_expert_tp=1),
+    )
+    return dataclasses.replace(
+        rt,
+        cfg=cfg,
+        topo=Topology(1, 1, rt.topo.num_experts),
+        rank=0,
+        world_group=group,
+        intra_group=group,
+        rail_group=group,
+        expert_parallel=None,
+    )
+
+
+class SingleRankBaseline:
+    """Rank 0's one-rank layer on the tokens of all ranks; the other ranks wait at a barrier meanwhile.
+
+    Every rank constructs it (it creates a process group) and calls :meth:`turn` at the same points.
+    """
+
+    def __init__(self, rt: Runtime, layer_seed: int, tokens_per_rank: int) -> None:
+        self.rt = rt
+        self.samples: list[float] = []
+        group = dist.new_group([0])  # a collective call: every rank makes it
+        self.layer: EPMoE | None = None
+        if rt.rank == 0:
+            one = one_rank_runtime(rt, group)
+            self.layer = EPMoE.random(one.cfg.model, one, seed=layer_seed)
+            self.x = torch.cat([synthetic_tokens(rt.cfg, r, tokens_per_rank) for r in range(rt.world_size)])
+            self.x = self.x.to(rt.device)  # [W * T, H]
+
+    def turn(self, calls: int) -> None:
+        """One untimed and ``calls`` timed forwards on rank 0 with every core; all ranks return together."""
+        if self.layer is not None:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(os.cpu_count() or 1)
+            try:
+                self.layer(self.x)
+                self.samples += [time_ms(lambda: self.layer(self.x), self.rt.device) for _ in range(calls)]
+            finally:
+                torch.set_num_threads(threads)
+        dist.barrier()
+
+    def median_ms(self) -> float | None:
+        """Median of the timed calls so far (rank 0); None on the other ranks."""
+        return statistics.median(self.samples) if self.samples else None

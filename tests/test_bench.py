@@ -1,0 +1,70 @@
+"""``epruntime bench`` end to end on tiny shapes: what it measures and writes, not how fast it is."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from epruntime.bench import expert_flops, interleaved_medians
+from epruntime.timing import STAGES
+from tests.test_cli import _epruntime
+
+TINY = ["--set", "model.hidden_size=64", "--set", "model.moe_intermediate_size=32", "--set", "runtime.warmup=1"]
+
+
+def test_interleaved_medians_times_each_contender_reps_times_in_turns() -> None:
+    calls: list[str] = []
+    contenders = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    medians = interleaved_medians(contenders, 5, torch.device("cpu"), 3)
+    # each turn: one untimed call, then up to 3 timed ones; 5 timed calls = turns of 3 and 2
+    assert calls == ["a"] * 4 + ["b"] * 4 + ["a"] * 3 + ["b"] * 3
+    assert set(medians) == {"a", "b"} and all(ms >= 0 for ms in medians.values())
+
+
+def test_expert_flops_counts_gate_up_and_down_gemms() -> None:
+    assert expert_flops(pairs=3, hidden=5, intermediate=7) == 2 * 3 * 5 * 14 + 2 * 3 * 7 * 5
+
+
+def test_one_rank_bench_times_transformers_in_the_same_run(tmp_path: Path) -> None:
+    pytest.importorskip("transformers", reason="the peers are transformers' DeepseekV3MoE: pip install -e '.[dev]'")
+    pytest.importorskip("matplotlib", reason="the plot needs matplotlib: pip install -e '.[dev]'")
+    out, png = tmp_path / "one.json", tmp_path / "one.png"
+    proc = _epruntime(
+        "bench", "--config", "configs/bench-1rank.yaml", *TINY, "--tokens", "32,64", "--reps", "3",
+        "--json", str(out), "--plot", str(png),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["world_size"] == 1 and report["reps"] == 3
+    assert [c["case"]["tokens_per_rank"] for c in report["cases"]] == [32, 64]
+    for case in report["cases"]:
+        assert set(case["timing_ms"]) == set(STAGES) and case["timing_ms"]["total"] > 0
+        assert 0 < case["fraction_of_dense"] and case["expert_gflops"] > 0 and case["dense_gflops"] > 0
+        peers = case["peers"]
+        fastest = min(peers[impl]["total_ms"] for impl in ("eager", "grouped_mm"))
+        assert peers["speedup_vs_fastest"] == pytest.approx(fastest / peers["epruntime_ms"])
+    assert "vs transformers eager" in proc.stdout and "vs transformers grouped_mm" in proc.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_many_rank_bench_sweeps_dispatchers_and_modes_against_one_rank(tmp_path: Path) -> None:
+    out = tmp_path / "sim.json"
+    proc = _epruntime(
+        "bench", "--config", "configs/cpu-sim.yaml", *TINY, "--set", "topology.ranks_per_node=2",
+        "--tokens", "16", "--dispatchers", "flat,hierarchical", "--shared", "overlap,serial",
+        "--single-rank-baseline", "--reps", "4", "--json", str(out), "--plot", "",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["world_size"] == 4 and report["reps"] == 4
+    labels = [c["case"]["label"] for c in report["cases"]]
+    assert labels == ["flat/overlap/16", "flat/serial/16", "hierarchical/overlap/16", "hierarchical/serial/16"]
+    per_token = {c["case"]["dispatcher"]: c["traffic_bytes_per_token"]["inter_node"] for c in report["cases"]}
+    assert 0 < per_token["hierarchical"] <= per_token["flat"]  # a token crosses to a node once at most
+    for case in report["cases"]:
+        assert case["single_rank_ms"] > 0
+        assert case["ratio_to_single_rank"] == pytest.approx(case["timing_ms"]["total"] / case["single_rank_ms"])
+    assert proc.stdout.count("vs one rank, same total tokens") == 4
