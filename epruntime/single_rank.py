@@ -57,7 +57,9 @@ class SingleRankBaseline:
             self.x = self.x.to(rt.device)  # [W * T, H]
 
     def turn(self, calls: int) -> None:
-        """One untimed and ``calls`` timed forwards on rank 0 with every core; all ranks return together."""
+        """One untimed and ``calls`` timed forwards on rank 0 with every core, once every rank has finished
+        its own work (so rank 0 runs alone); all ranks return together."""
+        dist.barrier()
         if self.layer is not None:
             threads = torch.get_num_threads()
             torch.set_num_threads(os.cpu_count() or 1)
