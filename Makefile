@@ -30,9 +30,9 @@ $(BENCH_STAMP): $(STAMP)
 
 # The issue-8 figures: one rank against transformers (fp32, bf16), then cpu-sim flat vs hierarchical.
 bench: $(BENCH_STAMP)
-	$(VENV)/bin/epruntime bench --config configs/bench-1rank.yaml --json out/bench-1rank-fp32.json --plot out/bench-1rank-fp32.png
-	$(VENV)/bin/epruntime bench --config configs/bench-1rank.yaml --set model.dtype=bfloat16 --json out/bench-1rank-bf16.json --plot out/bench-1rank-bf16.png
-	$(VENV)/bin/epruntime bench --config configs/cpu-sim.yaml --tokens 512 --dispatchers flat,hierarchical --shared overlap,serial --single-rank-baseline --json out/bench-cpu-sim.json --plot out/bench-cpu-sim.png
+	$(VENV)/bin/epruntime bench --config configs/bench-1rank.yaml --reps 15 --json out/bench-1rank-fp32.json --plot out/bench-1rank-fp32.png
+	$(VENV)/bin/epruntime bench --config configs/bench-1rank.yaml --set model.dtype=bfloat16 --reps 15 --json out/bench-1rank-bf16.json --plot out/bench-1rank-bf16.png
+	$(VENV)/bin/epruntime bench --config configs/cpu-sim.yaml --tokens 512 --dispatchers flat,hierarchical --shared overlap,serial --single-rank-baseline --reps 15 --json out/bench-cpu-sim.json --plot out/bench-cpu-sim.png
 
 $(MPI_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -e '.[dev,mpi]'

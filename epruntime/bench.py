@@ -78,12 +78,16 @@ def _dense_gemms(pairs: int, hidden: int, inter: int, dtype: torch.dtype, device
 
 def _expert_stage(rt: Runtime, layer: EPMoE, x: torch.Tensor, reps: int) -> dict[str, float]:
     """Achieved FLOP/s of this rank's expert stage against dense GEMMs of the same shapes, timed
-    interleaved; the fraction is the minimum over ranks."""
+    interleaved. Ranks take turns (the others wait at a barrier), so that no rank's figure is another
+    rank's load; the fraction is the minimum over ranks."""
     result = layer.dispatcher.dispatch(x, *layer.router(x))
     pairs, hidden, inter = int(result.tokens_per_expert.sum()), layer.cfg.hidden_size, layer.experts.intermediate
     args = (result.recv_x, result.recv_topk_idx, result.recv_topk_weights, result.tokens_per_expert)
     dense = _dense_gemms(max(pairs, 1), hidden, inter, layer.cfg.torch_dtype, rt.device)
-    ms = interleaved_medians({"experts": lambda: layer.experts(*args), "dense": dense}, reps, rt.device)
+    for turn in range(rt.world_size):
+        if turn == rt.rank:
+            ms = interleaved_medians({"experts": lambda: layer.experts(*args), "dense": dense}, reps, rt.device)
+        dist.barrier()
     flops = expert_flops(pairs, hidden, inter)
     achieved, limit = flops / (ms["experts"] / 1e3), expert_flops(max(pairs, 1), hidden, inter) / (ms["dense"] / 1e3)
     ratio = torch.tensor([achieved / limit if pairs else float("inf")], dtype=torch.float64)
