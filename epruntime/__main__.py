@@ -1,5 +1,5 @@
 """``python -m epruntime`` is the ``epruntime`` command (so ``torchrun -m epruntime run`` works)."""
 
-from .cli import main
+from .cli import console_main
 
-raise SystemExit(main())
+console_main()

@@ -184,4 +184,5 @@ def bench_main(
         Path(json_path).write_text(json.dumps(report, indent=2))
         if plot_path:
             print(plot_bench(report, plot_path), flush=True)
-    end_rank(0)
+    end_rank()
+    return 0

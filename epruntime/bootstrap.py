@@ -65,6 +65,16 @@ class LaunchEnv:
         )
 
 
+# world-size variables of torchrun, Open MPI, MPICH and Slurm
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
+
+
+def launched_with_peers(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether a launcher started this process as one of several ranks (read from the environment only)."""
+    environ = os.environ if environ is None else environ
+    return any(environ.get(name, "1").strip() not in ("", "0", "1") for name in WORLD_SIZE_VARIABLES)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port on ``host`` that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

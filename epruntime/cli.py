@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+from typing import NoReturn
 
 import torch.distributed as dist
 
+from .bootstrap import launched_with_peers
 from .config import DISPATCHERS, SHARED_EXPERT_MODES, Config, ConfigError, check_environment, load_config
+from .health import SETTLE_S
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -132,10 +136,32 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"epruntime: error: {exc}", file=sys.stderr, flush=True)
         if dist.is_initialized():  # found after start-up (ranks disagree): leave without tearing down gloo
-            sys.stdout.flush()
-            os._exit(2)
+            exit_process(2)
+        if launched_with_peers():  # let the other ranks print theirs before the launcher stops the job
+            time.sleep(SETTLE_S)
         return 2
 
 
+def exit_process(code: int) -> NoReturn:
+    """End this process with ``code`` without the interpreter's finalization.
+
+    A gloo worker thread can drop its reference to a Python-owned tensor just after the last
+    collective returns; doing that while Python finalizes aborts the process ("terminate called
+    without an active exception", seen on a rank under mpirun). Output is flushed and MPI (loaded by
+    the mpirun bootstrap) finalized first, since their exit hooks are skipped too.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and not mpi.Is_finalized():
+        mpi.Finalize()
+    os._exit(code)
+
+
+def console_main() -> NoReturn:
+    """The ``epruntime`` command (console script and ``python -m epruntime``)."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

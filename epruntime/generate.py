@@ -120,4 +120,5 @@ def generate_main(args: argparse.Namespace) -> int:
     if rt.rank == 0:
         for _, ids in sorted(pair for part in gathered for pair in part):
             print(",".join(map(str, ids)), flush=True)
-    end_rank(0)
+    end_rank()
+    return 0

@@ -148,7 +148,7 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 def run_main(cfg: Config, verify: bool, json_path: str | None, shared_modes: bool = False) -> int:
-    """Entry point of ``epruntime run`` inside a launched rank; ends the rank with the exit status."""
+    """Entry point of ``epruntime run`` inside a launched rank; returns the exit status."""
     rt = init_runtime(cfg)
     rt.log(
         f"node {rt.node} local {rt.local_index}, experts {rt.topo.expert_range(rt.rank)}, "
@@ -160,4 +160,5 @@ def run_main(cfg: Config, verify: bool, json_path: str | None, shared_modes: boo
         if json_path:
             Path(json_path).parent.mkdir(parents=True, exist_ok=True)
             Path(json_path).write_text(json.dumps(summary, indent=2))
-    end_rank(0 if summary.get("verify", {}).get("ok", True) else 1)
+    end_rank()
+    return 0 if summary.get("verify", {}).get("ok", True) else 1

@@ -13,7 +13,7 @@ import os
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -152,19 +152,8 @@ def shutdown_runtime() -> None:
         dist.destroy_process_group()
 
 
-def end_rank(code: int) -> NoReturn:
-    """End a launched rank with ``code`` once every rank got here: barrier, tear-down, ``os._exit``.
-
-    The interpreter's finalization is skipped on purpose: a gloo worker thread can drop its reference
-    to a Python-owned tensor just after the last collective returns, and doing that while Python
-    finalizes aborts the rank ("terminate called without an active exception", seen under mpirun).
-    """
+def end_rank() -> None:
+    """Leave the job together: wait for every rank, then tear torch.distributed down."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    mpi = sys.modules.get("mpi4py.MPI")  # loaded by the mpirun bootstrap: its atexit hook is skipped too
-    if mpi is not None and not mpi.Is_finalized():
-        mpi.Finalize()
-    os._exit(code)

@@ -7,7 +7,14 @@ import sys
 import pytest
 
 from epruntime import bootstrap
-from epruntime.bootstrap import LaunchEnv, detect_launcher, first_host, reconcile_topology, tasks_per_node
+from epruntime.bootstrap import (
+    LaunchEnv,
+    detect_launcher,
+    first_host,
+    launched_with_peers,
+    reconcile_topology,
+    tasks_per_node,
+)
 from epruntime.config import ConfigError, load_config
 from tests.launch.jobs import CPU_SIM
 
@@ -133,3 +140,19 @@ def test_slurm_notations() -> None:
     assert first_host("gpu[007-010,12],cpu1") == "gpu007"
     assert first_host("rack[2-3]-n[05-06]") == "rack2-n05"
     assert first_host("head,n[1-4]") == "head"
+
+
+@pytest.mark.parametrize(
+    "environ,expected",
+    [
+        ({}, False),
+        ({"WORLD_SIZE": "1", "RANK": "0"}, False),
+        ({"WORLD_SIZE": "4", "RANK": "2"}, True),
+        ({"OMPI_COMM_WORLD_SIZE": "8"}, True),
+        ({"PMI_SIZE": "2"}, True),
+        ({"SLURM_NTASKS": "1"}, False),
+        ({"SLURM_NTASKS": "32"}, True),
+    ],
+)
+def test_launched_with_peers_reads_every_launchers_world_size(environ: dict[str, str], expected: bool) -> None:
+    assert launched_with_peers(environ) is expected
