@@ -22,6 +22,7 @@ def test_shipped_configs_load() -> None:
     assert (ep32.topology.nnodes, ep32.topology.ranks_per_node, ep32.topology.world_size) == (4, 8, 32)
     assert (ep32.model.hidden_size, ep32.model.n_routed_experts, ep32.model.num_experts_per_tok) == (7168, 256, 8)
     assert (ep32.topology.device, ep32.topology.backend) == ("cuda", "nccl")
+    assert ep32.runtime.dispatcher == "hierarchical"  # across nodes: IB once per (token, node)
     ep8 = load_config(ROOT / "configs" / "deepseek-v3-ep8.yaml")
     assert ep8.topology.world_size == 8 and ep8.model.moe_intermediate_size == 2048
     sim = load_config(CPU_SIM)
