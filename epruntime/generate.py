@@ -6,8 +6,9 @@ compute dtype); the rest of the config (topology, runtime, model fields such as
 from the launcher: ``WORLD_SIZE / LOCAL_WORLD_SIZE`` nodes of ``LOCAL_WORLD_SIZE`` ranks. Prompts are dealt to
 ranks round-robin (attention is data-parallel); ranks with fewer prompts, or none, still run every
 MoE layer of every step, so decoding stays in lockstep. Rank 0 prints one line per prompt, in
-order: its generated ids, comma-separated. Decoding runs ``--max-new-tokens`` steps, without
-stopping at EOS.
+order: its generated ids, comma-separated, up to and including the first EOS id of the checkpoint's
+``eos_token_id`` (as transformers' ``generate`` stops); ``--ignore-eos`` always runs ``--max-new-tokens``
+steps. Decoding ends early once every prompt on every rank has reached EOS.
 """
 
 from __future__ import annotations
@@ -56,23 +57,69 @@ def generate_config(
     return config_from_dict({"model": dataclasses.asdict(ckpt), "topology": topology}, overrides)
 
 
+def eos_ids(hf_config: dict) -> list[int]:
+    """config.json's ``eos_token_id`` as a list: it may be one id, a list of ids, or absent."""
+    eos = hf_config.get("eos_token_id")
+    if eos is None:
+        return []
+    return [int(i) for i in eos] if isinstance(eos, list) else [int(eos)]
+
+
+def _any_running(finished: torch.Tensor, group: dist.ProcessGroup | None) -> bool:
+    """Whether a row here, or on any rank of ``group``, has not produced an EOS id yet."""
+    running = (~finished).any().to(torch.int64).reshape(1)  # [1]
+    if group is not None:
+        dist.all_reduce(running, op=dist.ReduceOp.MAX, group=group)
+    return bool(running.item())
+
+
 @torch.no_grad()
-def greedy_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-    """Greedy ids ``[B, N]`` after ``input_ids [B, S]``: a prefill forward, then ``N - 1`` one-token steps on a
-    KV cache. Each forward is a collective: every rank calls this with the same ``N`` (``B`` may be 0)."""
+def greedy_generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_ids: list[int] | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """Greedy ids ``[B, N]`` after ``input_ids [B, S]``: a prefill forward, then up to ``max_new_tokens - 1``
+    one-token steps on a KV cache. Each forward is a collective: every rank calls this with the same
+    arguments (``B`` may be 0). With ``eos_token_ids``, a row that produced one repeats the first of them
+    from then on (as transformers pads finished rows), and decoding stops when every row of every rank
+    of ``group`` has finished, so ``N`` may be smaller than ``max_new_tokens``."""
     cache = model.new_cache()
+    eos = torch.tensor(eos_token_ids or [], dtype=torch.long, device=input_ids.device)  # [E]
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)  # [B]
     tokens, out = input_ids, []
     for _ in range(max_new_tokens):
         tokens = model(tokens, cache)[:, -1].argmax(dim=-1, keepdim=True)  # [B, 1]
+        if eos.numel():
+            tokens = torch.where(finished.unsqueeze(1), eos[0], tokens)
+            finished |= torch.isin(tokens.squeeze(1), eos)
         out.append(tokens)
+        if eos.numel() and not _any_running(finished, group):
+            break
     return torch.cat(out, dim=1).cpu()  # [B, N]
 
 
+def until_eos(ids: list[int], eos_token_ids: list[int]) -> list[int]:
+    """``ids`` up to and including the first EOS id (all of them when there is none)."""
+    for i, token in enumerate(ids):
+        if token in eos_token_ids:
+            return ids[: i + 1]
+    return ids
+
+
 def generate_prompts(
-    model: torch.nn.Module, rt: Runtime, prompts: list[list[int]], max_new_tokens: int
+    model: torch.nn.Module,
+    rt: Runtime,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos_token_ids: list[int] | None = None,
 ) -> list[list[int]]:
-    """Greedy continuations of this rank's ``prompts``; prompts of one length share a batch. The ranks agree on
-    the number of batches and run them in lockstep, a rank out of prompts with empty ``[0, 1]`` batches."""
+    """Greedy continuations of this rank's ``prompts`` (each cut after its first EOS id); prompts of one length
+    share a batch. The ranks agree on the number of batches and run them in lockstep, a rank out of prompts
+    with empty ``[0, 1]`` batches."""
+    eos = eos_token_ids or []
     by_length: dict[int, list[int]] = {}
     for i, prompt in enumerate(prompts):
         by_length.setdefault(len(prompt), []).append(i)
@@ -83,9 +130,9 @@ def generate_prompts(
     for r in range(int(rounds.item())):
         members = batches[r] if r < len(batches) else []
         ids = torch.tensor([prompts[i] for i in members]) if members else torch.zeros(0, 1)  # [B, S]
-        new = greedy_generate(model, ids.long().to(rt.device), max_new_tokens)  # [B, N]
+        new = greedy_generate(model, ids.long().to(rt.device), max_new_tokens, eos, rt.world_group)  # [B, N]
         for i, row in zip(members, new.tolist(), strict=True):
-            out[i] = row
+            out[i] = until_eos(row, eos)
     return out
 
 
@@ -114,7 +161,8 @@ def generate_main(args: argparse.Namespace) -> int:
         f"replicated {held['replicated'] / 1e6:.2f} MB); read {log.bytes / 1e6:.2f} MB from {len(log.files)} files"
     )
     mine = list(range(rt.rank, len(prompts), rt.world_size))
-    outputs = generate_prompts(model, rt, [prompts[i] for i in mine], args.max_new_tokens)
+    eos = [] if args.ignore_eos else eos_ids(reader.hf_config)
+    outputs = generate_prompts(model, rt, [prompts[i] for i in mine], args.max_new_tokens, eos)
     gathered: list[list[tuple[int, list[int]]]] = [[] for _ in range(rt.world_size)]
     dist.all_gather_object(gathered, list(zip(mine, outputs, strict=True)), group=rt.world_group)
     if rt.rank == 0:

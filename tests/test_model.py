@@ -14,12 +14,20 @@ import pytest
 import torch
 
 from epruntime.checkpoint import CheckpointReader, checkpoint_weight_bytes
-from epruntime.generate import generate_config, greedy_generate
+from epruntime.generate import eos_ids, generate_config, generate_prompts, greedy_generate
 from epruntime.runtime import Runtime
 from epruntime.topology import Topology
 from tests.distributed import run_world
 from tests.factories import make_config, rel_err
-from tests.tiny_checkpoints import MOE_LAYERS, TINY, hf_generate, hf_logits, hf_model, write_checkpoints
+from tests.tiny_checkpoints import (
+    MOE_LAYERS,
+    TINY,
+    hf_generate,
+    hf_generate_until_eos,
+    hf_logits,
+    hf_model,
+    write_checkpoints,
+)
 
 BATCHES = [(2, 5), (0, 3), (1, 7), (3, 4), (1, 6), (0, 2), (2, 5), (1, 3)]  # rank r: (sequences, length)
 STEPS = 4
@@ -41,11 +49,17 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def expected(ckpts: dict[str, Path]) -> dict[str, list[torch.Tensor]]:
     """transformers' logits (fp32; FP8 run on the dequantized weights) and greedy ids for every rank's batch."""
     fp32, fp8 = hf_model(ckpts["single"]), hf_model(ckpts["fp8_dequantized"])
+    ranks = range(len(BATCHES))
+    generated = [hf_generate(fp32, rank_ids(r), STEPS) for r in ranks]
+    eos = int(generated[0][0, 1])  # rank 0's first sequence ends after 2 tokens with this EOS id
+    config_eos = eos_ids(CheckpointReader(ckpts["single"]).hf_config)
     return {
         "fp32": [hf_logits(fp32, rank_ids(r)) for r in range(len(BATCHES))],
         "fp8": [hf_logits(fp8, rank_ids(r)) for r in range(len(BATCHES))],
-        "generated": [hf_generate(fp32, rank_ids(r), STEPS) for r in range(len(BATCHES))],
-        "cli": [hf_generate(fp32, torch.tensor([p]), STEPS)[0] for p in PROMPTS],
+        "generated": generated,
+        "eos_id": eos,
+        "until_eos": [[hf_generate_until_eos(fp32, row, STEPS, [eos]) for row in rank_ids(r).tolist()] for r in ranks],
+        "cli": [hf_generate_until_eos(fp32, p, STEPS, config_eos) for p in PROMPTS],
     }
 
 
@@ -59,7 +73,7 @@ def _expert_keys(rt: Runtime, suffixes: tuple[str, ...]) -> set[str]:
     }
 
 
-def _rank_checks(rt: Runtime, paths: dict[str, Path], cli: list[str] | None) -> dict:
+def _rank_checks(rt: Runtime, paths: dict[str, Path], eos: int, cli: list[str] | None) -> dict:
     from epruntime.cli import main
     from epruntime.models import DeepseekEP
 
@@ -84,6 +98,10 @@ def _rank_checks(rt: Runtime, paths: dict[str, Path], cli: list[str] | None) -> 
             layer.mlp.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     out["generated"] = greedy_generate(models["fp32"], ids, STEPS)
     out["moe_calls"] = calls[0]
+    out["until_eos"] = generate_prompts(models["fp32"], rt, ids.tolist(), STEPS, [eos])
+    calls[0] = 0  # every id an EOS: every rank stops after the prefill, together
+    every_id = list(range(TINY["vocab_size"]))
+    out["all_eos"] = (generate_prompts(models["fp32"], rt, ids.tolist(), STEPS, every_id), calls[0])
     if cli is not None:  # last: the command shuts the process group down
         stdout = io.StringIO()
         with contextlib.redirect_stdout(stdout):
@@ -101,7 +119,7 @@ def test_model_matches_transformers(ckpts, expected, nnodes: int, ranks_per_node
     if world == 2:
         cli = ["generate", "--checkpoint", str(ckpts["sharded"]), "--max-new-tokens", str(STEPS)]
         cli += [arg for p in PROMPTS for arg in ("--prompt-ids", ",".join(map(str, p)))]
-    outs = run_world(_rank_checks, cfg, paths, cli)
+    outs = run_world(_rank_checks, cfg, paths, expected["eos_id"], cli)
     full = checkpoint_weight_bytes(ckpts["single"], 0, Topology(1, 1, TINY["n_routed_experts"]))
     for rank, out in enumerate(outs):
         batch, seq = BATCHES[rank]
@@ -114,10 +132,12 @@ def test_model_matches_transformers(ckpts, expected, nnodes: int, ranks_per_node
             assert got["resident"]["routed_experts"] * world == full["routed_experts"]
         assert torch.equal(out["generated"], expected["generated"][rank]), rank
         assert out["moe_calls"] == len(MOE_LAYERS) * STEPS, rank  # idle ranks too: decoding stays in lockstep
+        assert out["until_eos"] == expected["until_eos"][rank], rank
+        assert out["all_eos"] == ([row[:1] for row in expected["generated"][rank].tolist()], len(MOE_LAYERS)), rank
     if cli is not None:
         rc, printed = outs[0]["cli"]
         assert rc == 0 and outs[1]["cli"] == (0, "")
-        assert printed.splitlines() == [",".join(map(str, ids.tolist())) for ids in expected["cli"]]
+        assert printed.splitlines() == [",".join(map(str, ids)) for ids in expected["cli"]]
 
 
 def test_generate_config_takes_the_model_from_the_checkpoint(ckpts: dict[str, Path]) -> None:

@@ -136,6 +136,14 @@ def hf_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def hf_generate_until_eos(model, prompt: list[int], steps: int, eos: list[int]) -> list[int]:
+    """transformers' greedy ``generate`` of one prompt, stopping at ``eos``: the new ids, EOS included."""
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, max_new_tokens=steps, do_sample=False, eos_token_id=eos, pad_token_id=eos[0])
+    new = out[0, ids.shape[1] :].tolist()
+    return new[: next((i + 1 for i, t in enumerate(new) if t in eos), len(new))]
+
+
 def hf_generate(model, input_ids: torch.Tensor, steps: int) -> torch.Tensor:
     """transformers' greedy ``generate``: the ``steps`` new ids ``[B, steps]`` (EOS not allowed to stop it)."""
     if input_ids.shape[0] == 0:
