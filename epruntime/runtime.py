@@ -63,6 +63,13 @@ class Runtime:
             print(message, flush=True)
 
 
+def process_group_backend(backend: str) -> str:
+    """torch.distributed's backend string for ``topology.backend``: with ``nccl``, NCCL moves CUDA tensors
+    and gloo the small host-side collectives of the same groups (count exchanges, timing and traffic
+    reductions, config agreement), which NCCL alone would refuse."""
+    return "cpu:gloo,cuda:nccl" if backend == "nccl" else backend
+
+
 def new_groups(rank_lists: list[list[int]], rank: int, timeout: timedelta) -> dist.ProcessGroup:
     """Create one group per rank list (every rank must create all of them) and return ``rank``'s."""
     own = None
@@ -111,12 +118,13 @@ def init_runtime(cfg: Config) -> Runtime:
         device = torch.device("cpu")
         keep_buffers_in_heap()
     if not dist.is_initialized():
+        backend = process_group_backend(cfg.topology.backend)
         if env.launcher == "none":
-            dist.init_process_group(cfg.topology.backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         else:
             kwargs = {"device_id": device} if device.type == "cuda" else {}
             dist.init_process_group(
-                cfg.topology.backend,
+                backend,
                 init_method=env.init_method,
                 rank=env.rank,
                 world_size=env.world_size,

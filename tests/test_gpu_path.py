@@ -16,7 +16,7 @@ from epruntime.cuda_graph import GraphedMoE
 from epruntime.dispatch import deepep
 from epruntime.experts import LocalExperts, grouped_mm_fits
 from epruntime.moe import EPMoE
-from epruntime.runtime import init_runtime, shutdown_runtime
+from epruntime.runtime import init_runtime, process_group_backend, shutdown_runtime
 from tests.factories import SMALL_MODEL, make_config, rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +57,12 @@ def test_deepep_shape_limits_are_config_errors(fake_gpu, monkeypatch) -> None:
     cfg = _gpu_config("deepep")
     with pytest.raises(ConfigError, match="8 per node"):
         check_environment(cfg.replace(topology=cfg.topology.__class__(2, 4, "cuda", "nccl")))
+
+
+def test_nccl_process_groups_carry_host_collectives_on_gloo() -> None:
+    # count exchanges and timing reductions are CPU tensors: NCCL alone raises on them
+    assert process_group_backend("nccl") == "cpu:gloo,cuda:nccl"
+    assert process_group_backend("gloo") == "gloo"
 
 
 def test_gpu_only_choices_are_rejected_on_cpu() -> None:
