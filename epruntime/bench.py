@@ -105,7 +105,8 @@ def _hf_peers(cfg: Config, layer: EPMoE, x: torch.Tensor, reps: int) -> dict[str
     except ImportError:  # pragma: no cover - transformers is in the dev extra
         return {"skipped": "transformers is not installed (pip install -e '.[models]')"}
     sd = random_state_dict(cfg.model, cfg.runtime.seed)
-    modules = {impl: hf_moe(cfg.model, sd, cfg.model.torch_dtype, experts_implementation=impl) for impl in PEERS}
+    dtype = cfg.model.torch_dtype
+    modules = {impl: hf_moe(cfg.model, sd, dtype, experts_implementation=impl).to(x.device) for impl in PEERS}
     fns = {"epruntime": lambda: layer(x)}
     for impl, module in modules.items():  # as transformers runs in a process of its own: default malloc
 

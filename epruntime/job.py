@@ -40,7 +40,7 @@ def _reduce(values: list[float], op: dist.ReduceOp, dtype: torch.dtype = torch.f
 def verify_output(rt: Runtime, layer_seed: int, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
     """Compare every rank's output with the single-process reference; normwise error over all ranks."""
     sd = random_state_dict(rt.cfg.model, layer_seed)
-    ref = reference_moe(x, sd, rt.cfg.model, rt.topo.experts_per_node)  # [T, H] fp32
+    ref = reference_moe(x.cpu(), sd, rt.cfg.model, rt.topo.experts_per_node)  # [T, H] fp32, on the host
     err = (y.float().cpu() - ref).abs().max().item() if len(ref) else 0.0
     scale = ref.abs().max().item() if len(ref) else 0.0
     err, scale = _reduce([err, scale], dist.ReduceOp.MAX)
