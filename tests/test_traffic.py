@@ -119,3 +119,34 @@ def test_plan_model_equals_measured(measured: list[list[dict[str, Any]]], case: 
         total = sum((Counter(o[backend]) for o in outs), Counter())
         measured_report = traffic_report(torch.tensor([total[f"{p}.{l}"] for p in PHASES for l in LINKS]))
         assert model[backend] == measured_report, backend
+
+
+def _expert_sends(rt: Runtime, routes: list[torch.Tensor]) -> list[int]:
+    """The on-device per-(token, expert) counters of one dispatch and its combine, read back."""
+    dispatcher = make_dispatcher(rt, "flat")
+    dispatcher.count_expert_sends("dispatch", routes[rt.rank], 100, 4)
+    dispatcher.count_expert_sends("combine", routes[rt.rank], 100, 0)
+    return dispatcher.traffic.as_tensor().tolist()
+
+
+def test_low_latency_counters_count_every_token_expert_pair() -> None:
+    """DeepEP's low-latency layout sends one message per (token, expert), also to a rank already sent to."""
+    cfg = make_config(2, 2, **MODEL)
+    topo = Topology(2, 2, MODEL["n_routed_experts"])
+    gen = torch.Generator().manual_seed(3)
+    routes = [
+        torch.randint(-1, MODEL["n_routed_experts"], (t, MODEL["num_experts_per_tok"]), generator=gen)
+        for t in (9, 0, 5, 12)
+    ]
+    measured = run_world(_expert_sends, cfg, routes)
+    for src, idx in enumerate(routes):
+        expected = Counter()
+        for e in idx.reshape(-1).tolist():
+            r = e // topo.experts_per_rank
+            if e < 0 or r == src:
+                continue
+            link = "intra_node" if topo.node_of(r) == topo.node_of(src) else "inter_node"
+            expected[f"dispatch.{link}"] += 100
+            expected["dispatch.metadata"] += 4
+            expected[f"combine.{link}"] += 100
+        assert measured[src] == [expected[f"{p}.{l}"] for p in PHASES for l in LINKS], src

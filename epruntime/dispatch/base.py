@@ -52,18 +52,30 @@ class MaskedDispatchResult:
 
 @dataclass
 class Traffic:
-    """Bytes this rank sent, per phase and link; sends to itself cross no link and are not counted."""
+    """Bytes this rank sent, per phase and link; sends to itself cross no link and are not counted.
+
+    ``bytes`` holds host counts; ``on_device`` (``[len(PHASES), len(LINKS)]`` int64, allocated before
+    any CUDA graph capture) accumulates counts of backends that must not sync with the host.
+    """
 
     bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    on_device: torch.Tensor | None = None
 
     def add(self, phase: str, link: str, nbytes: int) -> None:
         self.bytes[f"{phase}.{link}"] += int(nbytes)
 
+    def add_on_device(self, phase: str, link_bytes: torch.Tensor) -> None:  # [len(LINKS)] int64
+        """Accumulate bytes per link in place, without reading anything back to the host."""
+        self.on_device[PHASES.index(phase)].add_(link_bytes)
+
     def reset(self) -> None:
         self.bytes.clear()
+        if self.on_device is not None:
+            self.on_device.zero_()
 
     def as_tensor(self) -> torch.Tensor:  # [len(PHASES) * len(LINKS)] int64, fixed order for reduction
-        return torch.tensor([self.bytes[f"{p}.{l}"] for p in PHASES for l in LINKS], dtype=torch.int64)
+        host = torch.tensor([self.bytes[f"{p}.{l}"] for p in PHASES for l in LINKS], dtype=torch.int64)
+        return host if self.on_device is None else host + self.on_device.flatten().cpu()
 
 
 def traffic_report(totals: torch.Tensor) -> dict[str, Any]:
@@ -214,7 +226,12 @@ class Dispatcher(ABC):
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
-        self.traffic = Traffic()
+        self.traffic = Traffic(on_device=torch.zeros(len(PHASES), len(LINKS), dtype=torch.int64, device=rt.device))
+        topo, me = rt.topo, rt.rank
+        same_node = [topo.node_of(r) == topo.node_of(me) for r in range(topo.world_size)]
+        self._link_of_rank = torch.tensor(  # [2, W] 1 where a send to rank r crosses that link
+            [[s and r != me for r, s in enumerate(same_node)], [not s for s in same_node]], dtype=torch.int64
+        ).to(rt.device)
 
     @abstractmethod
     def dispatch(
@@ -246,6 +263,17 @@ class Dispatcher(ABC):
     def combine_b(self, inflight: InFlight) -> torch.Tensor:
         """Wait for an issued combine and return ``[T, H]``."""
         return inflight.wait()
+
+    def count_expert_sends(self, phase: str, topk_idx: torch.Tensor, row_bytes: int, meta_bytes: int) -> None:
+        """Add one message of ``row_bytes`` + ``meta_bytes`` per (token, expert) pair of ``topk_idx [T, K]`` (-1:
+        none) to the expert's rank: DeepEP's low-latency layout. Computed on the device, no host sync."""
+        pairs = (topk_idx >= 0).reshape(-1).long()  # [T * K]
+        dest = torch.div(topk_idx.clamp(min=0), self.rt.topo.experts_per_rank, rounding_mode="floor").reshape(-1)
+        per_rank = torch.zeros(self.rt.world_size, dtype=torch.int64, device=topk_idx.device)
+        per_rank.scatter_add_(0, dest.long(), pairs)  # [W] pairs sent to each rank
+        intra, inter = (self._link_of_rank * per_rank).sum(dim=1)  # pairs crossing each link
+        link_bytes = torch.stack([intra * row_bytes, inter * row_bytes, (intra + inter) * meta_bytes])  # LINKS order
+        self.traffic.add_on_device(phase, link_bytes)
 
     def count_sends(
         self, phase: str, dest_ranks: list[int], counts: list[int], row_bytes: int, meta_bytes: int

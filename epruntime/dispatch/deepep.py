@@ -43,6 +43,7 @@ LOW_LATENCY_MAX_TOPK = 11
 NORMAL_WORLD_SIZES = (2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 144, 160)  # Buffer.get_dispatch_config's table
 NVL_PEERS = 8  # internode normal mode assumes nodes of 8 GPUs
 NORMAL_QPS = 24  # DeepEP's default QPs per rank for internode normal mode
+SOURCE_INDEX_BYTES = 4  # what a low-latency dispatch message carries besides the row: the source token index
 
 
 def deep_ep_import_error() -> str | None:
@@ -222,7 +223,8 @@ class DeepEPLowLatencyHandle:
 
 
 class DeepEPLowLatencyDispatcher(_DeepEPBase, AsyncDispatcher):
-    """DeepEP low-latency mode: fixed capacity, no host sync, CUDA-graph safe; traffic is not counted."""
+    """DeepEP low-latency mode: fixed capacity, no host sync, CUDA-graph safe. One message per (token, expert)
+    pair each way (bf16 row; dispatch adds the source index), counted on the device."""
 
     name = "deepep_low_latency"
 
@@ -239,6 +241,7 @@ class DeepEPLowLatencyDispatcher(_DeepEPBase, AsyncDispatcher):
     def dispatch_a(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> InFlight:
         check_capacity(x.shape[0], self.capacity, self.name)
         idx = self._topk_idx(topk_idx)
+        self.count_expert_sends("dispatch", idx, x.shape[1] * 2, SOURCE_INDEX_BYTES)
         recv_x, recv_count, handle, _, hook = self.buffers.use("low_latency").low_latency_dispatch(
             x.contiguous(), idx, self.capacity, self.num_experts, use_fp8=False, return_recv_hook=True
         )  # [E_local, capacity * W, H] bf16, [E_local] int32
@@ -255,6 +258,7 @@ class DeepEPLowLatencyDispatcher(_DeepEPBase, AsyncDispatcher):
         return InFlight([], arrived)
 
     def combine_a(self, y: torch.Tensor, handle: DeepEPLowLatencyHandle) -> InFlight:
+        self.count_expert_sends("combine", handle.topk_idx, y.shape[-1] * 2, 0)  # back along the same pairs
         combined, _, hook = self.buffers.use("low_latency").low_latency_combine(
             y.contiguous(), handle.topk_idx, handle.topk_weights, handle.handle, return_recv_hook=True
         )  # [T, H] bf16, weighted by topk_weights
