@@ -30,6 +30,8 @@ def _every_mode(rt: Runtime, sd: dict[str, torch.Tensor], xs: list[torch.Tensor]
 
 
 TP_CASES = [  # (nnodes, ranks_per_node, moe_tp, shared_expert_tp)
+    (1, 2, 2, 1),  # TP over the whole job: a one-rank EP world, nothing dispatched
+    (1, 2, 2, 2),
     (2, 2, 1, 1),
     (2, 2, 2, 1),
     (2, 2, 2, 2),
