@@ -70,8 +70,20 @@ def format_bench(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _baselines(case: dict[str, Any]) -> tuple[dict[str, float], str | None]:
+    """What a case is compared with (label -> ms per layer) and the ratio to print above its bar."""
+    if "single_rank_ms" in case:
+        return {"one rank, same tokens": case["single_rank_ms"]}, f"{case['ratio_to_single_rank']:.2f}x"
+    peers = case.get("peers", {})
+    times = {f"transformers {impl}": peers[impl]["total_ms"] for impl in ("eager", "grouped_mm") if impl in peers}
+    if not times:
+        return {}, None
+    return times, f"{peers['speedup_vs_fastest']:.2f}x faster"
+
+
 def plot_bench(report: dict[str, Any], path: str) -> str:
-    """Stacked stage times per case as a PNG; returns a line saying where it went (or why not)."""
+    """Stacked stage times per case, the total, and each case's baseline from the same run (one rank on the
+    same tokens, or transformers' implementations) as a PNG; returns a line saying where it went."""
     try:
         import matplotlib
 
@@ -81,19 +93,33 @@ def plot_bench(report: dict[str, Any], path: str) -> str:
         return "plot skipped: matplotlib is not installed (pip install -e '.[bench]')"
     cases = report["cases"]
     labels = [c["case"]["label"] for c in cases]
-    fig, ax = plt.subplots(figsize=(max(6, len(cases) * 0.9), 4.5))
+    fig, ax = plt.subplots(figsize=(max(6, len(cases) * 1.1) + 2.5, 4.8))
     bottom = [0.0] * len(cases)
     for stage in STAGES[:-1]:
         values = [c["timing_ms"][stage] for c in cases]
-        ax.bar(labels, values, bottom=bottom, label=stage)
+        ax.bar(labels, values, bottom=bottom, label=stage, alpha=0.85)
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     totals = [c["timing_ms"]["total"] for c in cases]
-    ax.scatter(labels, totals, marker="_", s=900, color="black", zorder=3, label="total")
-    ax.set_ylabel("median ms per layer (slowest rank; stages overlap)")
-    ax.set_title(f"epruntime bench: {report['world_size']} ranks, {report['dtype']}")
-    ax.legend(fontsize=8)
-    ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+    ax.scatter(labels, totals, marker="_", s=900, linewidths=2.5, color="black", zorder=3, label="total")
+    markers = iter(("v", "^", "D"))
+    styles: dict[str, str] = {}
+    for i, case in enumerate(cases):
+        times, ratio = _baselines(case)
+        for name, ms in times.items():
+            first = name not in styles
+            if first:
+                styles[name] = next(markers)
+            ax.scatter([i], [ms], marker=styles[name], s=60, color="dimgray", zorder=4, label=name if first else None)
+        if ratio:
+            ax.annotate(ratio, (i, max(bottom[i], *times.values())), textcoords="offset points", xytext=(0, 6),
+                        ha="center", fontsize=8)  # fmt: skip
+    ax.set_ylabel("ms per layer (medians, slowest rank)")
+    ranks = f"{report['world_size']} rank{'s' if report['world_size'] > 1 else ''}"
+    ax.set_title(f"epruntime bench: {ranks}, {report['dtype']} (stage bars overlap in time)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    ax.margins(y=0.12)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return f"plot written to {path}"
