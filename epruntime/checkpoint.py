@@ -260,29 +260,47 @@ def resident_dtype(key: str, dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if ".mlp.gate." in key else dtype
 
 
-def checkpoint_weight_bytes(
-    path: str | Path | CheckpointReader, rank: int, topo: Topology, dtype: torch.dtype | None = None
-) -> dict[str, int]:
-    """Bytes of weights rank ``rank`` holds once loaded (from shard headers only; no tensor data is read).
+def _weight_bytes_by_expert(reader: CheckpointReader, dtype: torch.dtype) -> tuple[dict[int, int], int]:
+    """Loaded bytes of each routed expert id over every MoE layer, and of everything else (from headers)."""
+    per_expert: dict[int, int] = {}
+    replicated = 0
+    for key in reader.weight_map:
+        layer = _LAYER_KEY.match(key)
+        if key.endswith(SCALE_SUFFIX) or (layer and int(layer.group(1)) >= reader.num_layers):
+            continue
+        size = math.prod(reader.shape(key)) * resident_dtype(key, dtype).itemsize
+        expert = _EXPERT_KEY.match(key)
+        if expert:
+            e = int(expert.group(2))
+            per_expert[e] = per_expert.get(e, 0) + size
+        else:
+            replicated += size
+    return per_expert, replicated
+
+
+def checkpoint_weight_bytes_per_rank(
+    path: str | Path | CheckpointReader, topo: Topology, dtype: torch.dtype | None = None
+) -> list[dict[str, int]]:
+    """Bytes of weights each rank of ``topo`` holds once loaded, in rank order (from shard headers only).
 
     ``routed_experts``: its own experts of every MoE layer; ``replicated``: everything else (attention,
     norms, dense layers, gates, shared experts, embeddings); ``dtype`` defaults to config.json's.
     FP8 weights count at ``dtype`` (they are dequantized); layers past ``num_hidden_layers`` (MTP) are skipped.
     """
     reader = as_reader(path)
-    dtype = dtype or reader.moe_config().torch_dtype
-    own = set(topo.expert_range(rank))
-    out = {"routed_experts": 0, "replicated": 0}
-    for key in reader.weight_map:
-        layer = _LAYER_KEY.match(key)
-        if key.endswith(SCALE_SUFFIX) or (layer and int(layer.group(1)) >= reader.num_layers):
-            continue
-        expert = _EXPERT_KEY.match(key)
-        if expert and int(expert.group(2)) not in own:
-            continue
-        size = math.prod(reader.shape(key)) * resident_dtype(key, dtype).itemsize
-        out["routed_experts" if expert else "replicated"] += size
-    return {**out, "total": out["routed_experts"] + out["replicated"]}
+    per_expert, replicated = _weight_bytes_by_expert(reader, dtype or reader.moe_config().torch_dtype)
+    out = []
+    for rank in range(topo.world_size):
+        routed = sum(per_expert.get(e, 0) for e in topo.expert_range(rank))
+        out.append({"routed_experts": routed, "replicated": replicated, "total": routed + replicated})
+    return out
+
+
+def checkpoint_weight_bytes(
+    path: str | Path | CheckpointReader, rank: int, topo: Topology, dtype: torch.dtype | None = None
+) -> dict[str, int]:
+    """What :func:`checkpoint_weight_bytes_per_rank` gives for rank ``rank``."""
+    return checkpoint_weight_bytes_per_rank(path, topo, dtype)[rank]
 
 
 __all__ = [
@@ -293,5 +311,6 @@ __all__ = [
     "as_reader",
     "check_model_config",
     "checkpoint_weight_bytes",
+    "checkpoint_weight_bytes_per_rank",
     "dequantize_fp8",
 ]

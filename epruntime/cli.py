@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", parents=[config_args], help="print placement, memory and expected traffic; no launch")
     plan.add_argument("--samples", type=int, default=4096, help="routes sampled to estimate traffic (default 4096)")
     plan.add_argument("--json", dest="json_path", help="write the plan as JSON to this path")
+    plan.add_argument("--checkpoint", help="HF DeepSeek-V3 directory: its model, and its weight bytes per rank")
+    plan.add_argument("--dtype", help="with --checkpoint: the compute dtype (default: the checkpoint's)")
     bench = sub.add_parser(
         "bench", parents=[config_args], help="sweep tokens, dispatchers and shared-expert modes against peers"
     )
@@ -119,11 +121,11 @@ def main(argv: list[str] | None = None) -> int:
             from .generate import generate_main
 
             return generate_main(args)
-        cfg = load_config(args.config, args.overrides)
         if args.command == "plan":  # needs no GPU and starts no process group
             from .plan import plan_main
 
-            return plan_main(cfg, args.samples, args.json_path)
+            return plan_main(args)
+        cfg = load_config(args.config, args.overrides)
         check_environment(cfg)
         if args.command == "bench":
             return _bench(cfg, args, argv if argv is not None else sys.argv[1:])

@@ -8,16 +8,19 @@ counters do (see :mod:`epruntime.dispatch`), then scales to the configured batch
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, load_config
 from .dispatch import Traffic, traffic_report
 from .dispatch.flat import destinations
+from .fp8 import BLOCK
 from .router import route
 from .topology import Topology
 from .weights import gate_weights, random_state_dict
@@ -103,12 +106,22 @@ def buffer_rows(topk_idx: torch.Tensor, src_rank: torch.Tensor, topo: Topology) 
 
 
 def weight_bytes(cfg: Config) -> dict[str, int]:
-    """Per-rank bytes of the routed experts this rank owns, the replicated shared expert and the fp32 gate."""
-    m = cfg.model
-    elt = m.torch_dtype.itemsize
+    """Per-rank bytes of one MoE layer: the routed expert slices this rank holds (FP8 with 128 x 128 fp32
+    block scales under ``grouped_gemm: deep_gemm``, else the compute dtype), its share of the shared expert,
+    and the fp32 gate."""
+    m, run = cfg.model, cfg.runtime
+    h, elt, tp = m.hidden_size, m.torch_dtype.itemsize, run.moe_tp
+    inter = m.moe_intermediate_size // tp  # each expert's slice on this rank
+    if run.grouped_gemm == "deep_gemm":  # [2I, H] and [H, I] in e4m3, one fp32 scale per block
+        rows, cols = BLOCK
+        blocks = math.ceil(2 * inter / rows) * math.ceil(h / cols) + math.ceil(h / rows) * math.ceil(inter / cols)
+        per_expert = 3 * h * inter + 4 * blocks
+    else:
+        per_expert = 3 * h * inter * elt
+    held = m.n_routed_experts * tp // topology_of(cfg).world_size  # experts of this rank's EP group slot
     return {
-        "routed_experts": topology_of(cfg).experts_per_rank * 3 * m.hidden_size * m.moe_intermediate_size * elt,
-        "shared_expert": 3 * m.hidden_size * m.shared_intermediate_size * elt,
+        "routed_experts": held * per_expert,
+        "shared_expert": 3 * h * m.shared_intermediate_size * elt // run.shared_expert_tp,
         "gate": (m.n_routed_experts * m.hidden_size + m.n_routed_experts) * 4,
     }
 
@@ -210,14 +223,42 @@ def format_plan(p: dict[str, Any]) -> str:
     lines.append(
         "inter-node bytes per token (dispatch + combine): " + ", ".join(f"{b} {v:,.0f} B" for b, v in per_token.items())
     )
+    if "checkpoint" in p:
+        ckpt = p["checkpoint"]
+        most = max(ckpt["weight_bytes_per_rank"], key=lambda b: b["total"])
+        lines.append(
+            f"checkpoint {ckpt['path']} ({ckpt['layers']} layers), weights on the fullest rank: routed experts "
+            f"{most['routed_experts'] / _MB:,.1f} MB, replicated {most['replicated'] / _MB:,.1f} MB; "
+            f"total {most['total'] / _MB:,.1f} MB"
+        )
     return "\n".join(lines)
 
 
-def plan_main(cfg: Config, samples: int, json_path: str | None) -> int:
-    """Entry point of ``epruntime plan``: print the plan (and write it as JSON); returns the exit status."""
-    p = make_plan(cfg, samples)
+def _checkpoint_section(reader: Any, cfg: Config) -> dict[str, Any]:
+    from .checkpoint import checkpoint_weight_bytes_per_rank
+
+    per_rank = checkpoint_weight_bytes_per_rank(reader, topology_of(cfg), cfg.model.torch_dtype)
+    return {"path": str(reader.path), "layers": reader.num_layers, "weight_bytes_per_rank": per_rank}
+
+
+def plan_main(args: argparse.Namespace) -> int:
+    """Entry point of ``epruntime plan``: print the plan (and write it as JSON); returns the exit status.
+    With ``--checkpoint`` the model comes from its config.json and the whole model's weights are sized."""
+    if args.checkpoint:
+        from .checkpoint import CheckpointError, CheckpointReader
+        from .generate import generate_config
+
+        try:
+            reader = CheckpointReader(args.checkpoint)
+            cfg = generate_config(reader, args.config, args.overrides, args.dtype)
+            p = make_plan(cfg, args.samples)
+            p["checkpoint"] = _checkpoint_section(reader, cfg)
+        except CheckpointError as exc:
+            raise ConfigError(str(exc)) from None
+    else:
+        p = make_plan(load_config(args.config, args.overrides), args.samples)
     print(format_plan(p), flush=True)
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(p, indent=2))
+    if args.json_path:
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_path).write_text(json.dumps(p, indent=2))
     return 0
