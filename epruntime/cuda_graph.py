@@ -27,6 +27,11 @@ class GraphedMoE:
                 f"CUDA graph capture needs a fixed-capacity dispatcher ({', '.join(GRAPH_SAFE_DISPATCHERS)}), "
                 f"this layer uses {name}; set runtime.dispatcher for the decode path"
             )
+        if not (layer.experts.use_grouped_mm or layer.experts.fp8):
+            raise ValueError(
+                "CUDA graph capture needs a grouped GEMM without host syncs; this layer runs the per-expert loop "
+                "(runtime.grouped_gemm: loop, or operands _grouped_mm cannot take); use grouped_gemm auto or grouped_mm"
+            )
         if layer.rt.device.type != "cuda":
             raise ValueError(f"CUDA graph capture needs topology.device=cuda, this layer runs on {layer.rt.device}")
         capacity = layer.rt.cfg.runtime.max_tokens_per_rank
@@ -35,7 +40,9 @@ class GraphedMoE:
         self.layer = layer
         self.x = torch.zeros(num_tokens, layer.cfg.hidden_size, dtype=layer.cfg.torch_dtype, device=layer.rt.device)
         self.graph = torch.cuda.CUDAGraph()
+        # Neither the stage timer nor the finite check (an all-gather read on the host) can run in a graph.
         timing, layer.timer.enabled = layer.timer.enabled, False
+        finite, layer.check_finite = layer.check_finite, False
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -46,7 +53,7 @@ class GraphedMoE:
             with torch.cuda.graph(self.graph):
                 self.y = layer(self.x)  # [T, H], rewritten by every replay
         finally:
-            layer.timer.enabled = timing
+            layer.timer.enabled, layer.check_finite = timing, finite
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H] (the graph's output buffer)
         """Run the captured forward on ``x``; the result is overwritten by the next call."""

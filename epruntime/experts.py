@@ -62,6 +62,8 @@ def grouped_linear(
     use_grouped_mm: bool,
 ) -> torch.Tensor:  # [N, D_out]
     """Per-expert ``x_e @ w_e.T`` over consecutive row blocks; one kernel when grouped_mm is used."""
+    if x.shape[0] == 0:  # a rank that received nothing: no kernel to launch
+        return x.new_empty(0, w.shape[1])
     if use_grouped_mm:
         offs = torch.cumsum(counts, dim=0).to(torch.int32)  # [E] end offset of each expert's rows
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)

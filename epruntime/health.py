@@ -167,11 +167,18 @@ def is_collective_failure(exc: BaseException) -> bool:
     return isinstance(exc, dist.DistError) or type(exc) is RuntimeError
 
 
+def all_gather_flat(out: torch.Tensor, mine: torch.Tensor, group: dist.ProcessGroup | None = None) -> None:
+    """Every rank's ``mine`` concatenated into ``out`` (``all_gather_single`` where torch has it, else its older
+    name ``all_gather_into_tensor``: GPU images ship torch builds from before the rename)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, mine, group=group)
+
+
 def assert_finite_on_all_ranks(t: torch.Tensor, what: str, group: dist.ProcessGroup, world_size: int) -> None:
     """Every rank checks its tensor; all ranks raise together, naming each rank with NaN/Inf values."""
     bad = (~torch.isfinite(t)).sum().reshape(1).to(torch.int64)  # [1]
     counts = torch.zeros(world_size, dtype=torch.int64, device=t.device)  # [W]
-    dist.all_gather_single(counts, bad, group=group)
+    all_gather_flat(counts, bad, group)
     culprits = [f"rank {r} ({n} values)" for r, n in enumerate(counts.tolist()) if n]
     if culprits:
         raise NonFiniteError(

@@ -91,7 +91,7 @@ def check_ranks_agree(cfg: Config, world_size: int) -> None:
     sections = config_to_dict(cfg)
     mine = torch.tensor([_fingerprint(body) for body in sections.values()], dtype=torch.int64)  # [S]
     every = torch.zeros(world_size * len(mine), dtype=torch.int64)  # [W * S]
-    dist.all_gather_single(every, mine)
+    health.all_gather_flat(every, mine)
     every = every.view(world_size, len(mine))  # [W, S]
     for i, name in enumerate(sections):
         differ = (every[:, i] != every[0, i]).nonzero().flatten().tolist()

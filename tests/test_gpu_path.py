@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from epruntime import experts as experts_module
@@ -15,6 +17,7 @@ from epruntime.config import ConfigError, check_environment, config_from_dict
 from epruntime.cuda_graph import GraphedMoE
 from epruntime.dispatch import deepep
 from epruntime.experts import LocalExperts, grouped_mm_fits
+from epruntime.health import all_gather_flat
 from epruntime.moe import EPMoE
 from epruntime.runtime import init_runtime, process_group_backend, shutdown_runtime
 from tests.factories import SMALL_MODEL, make_config, rel_err
@@ -57,6 +60,41 @@ def test_deepep_shape_limits_are_config_errors(fake_gpu, monkeypatch) -> None:
     cfg = _gpu_config("deepep")
     with pytest.raises(ConfigError, match="8 per node"):
         check_environment(cfg.replace(topology=cfg.topology.__class__(2, 4, "cuda", "nccl")))
+
+
+def test_deepep_world_and_low_latency_capacity_limits_are_config_errors(fake_gpu, monkeypatch) -> None:
+    monkeypatch.setattr(deepep, "deep_ep_import_error", lambda: None)
+    monkeypatch.delenv("NVSHMEM_QP_DEPTH", raising=False)
+    cfg = _gpu_config("deepep_low_latency")  # 8 ranks
+    with pytest.raises(ConfigError, match=r"max_tokens_per_rank=600: .*NVSHMEM_QP_DEPTH \(1024\); use at most 511"):
+        check_environment(cfg.replace(runtime=dataclasses.replace(cfg.runtime, max_tokens_per_rank=600)))
+    monkeypatch.setenv("NVSHMEM_QP_DEPTH", "2048")
+    check_environment(cfg.replace(runtime=dataclasses.replace(cfg.runtime, max_tokens_per_rank=600)))
+    two = cfg.replace(
+        topology=dataclasses.replace(cfg.topology, ranks_per_node=2),
+        runtime=dataclasses.replace(cfg.runtime, max_tokens_per_rank=3, tokens_per_rank=3),
+    )
+    with pytest.raises(ConfigError, match=r"EP world \(2\) x max_tokens_per_rank to be a multiple of 4"):
+        check_environment(two)
+    big = _gpu_config("deepep_low_latency", n_routed_experts=96)
+    twelve = big.replace(
+        topology=dataclasses.replace(cfg.topology, nnodes=3, ranks_per_node=8),
+        runtime=dataclasses.replace(cfg.runtime, moe_tp=2),
+    )
+    with pytest.raises(ConfigError, match="below 8 ranks or a multiple of 8, got 12"):
+        check_environment(twelve)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.distributed.all_gather_into_tensor` is deprecated:FutureWarning")
+def test_all_gather_works_on_torch_builds_without_all_gather_single(monkeypatch) -> None:
+    rt = init_runtime(make_config())
+    try:
+        monkeypatch.delattr(dist, "all_gather_single", raising=False)  # GPU images ship torch from before it
+        out = torch.zeros(rt.world_size, dtype=torch.int64)
+        all_gather_flat(out, torch.tensor([7]))
+        assert out.tolist() == [7]
+    finally:
+        shutdown_runtime()
 
 
 def test_nccl_process_groups_carry_host_collectives_on_gloo() -> None:
@@ -130,6 +168,9 @@ def test_cuda_graph_helper_refuses_what_it_cannot_capture() -> None:
     try:
         layer = EPMoE.random(rt.cfg.model, rt, seed=0)
         with pytest.raises(ValueError, match=r"needs topology\.device=cuda"):
+            GraphedMoE(layer, num_tokens=4)
+        layer.experts.use_grouped_mm = False  # as with runtime.grouped_gemm: loop, which reads counts on the host
+        with pytest.raises(ValueError, match="grouped GEMM without host syncs"):
             GraphedMoE(layer, num_tokens=4)
         layer.dispatcher.name = "flat"  # as a layer built with runtime.dispatcher: flat would be
         with pytest.raises(ValueError, match="needs a fixed-capacity dispatcher"):

@@ -21,6 +21,7 @@ when one of these dispatchers is built, so this module imports without DeepEP.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,7 @@ LOW_LATENCY_MAX_TOPK = 11
 NORMAL_WORLD_SIZES = (2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 144, 160)  # Buffer.get_dispatch_config's table
 NVL_PEERS = 8  # internode normal mode assumes nodes of 8 GPUs
 NORMAL_QPS = 24  # DeepEP's default QPs per rank for internode normal mode
+DEFAULT_QP_DEPTH = 1024  # NVSHMEM_QP_DEPTH unless set; DeepEP's low-latency mode needs (capacity + 1) x 2 of it
 SOURCE_INDEX_BYTES = 4  # what a low-latency dispatch message carries besides the row: the source token index
 
 
@@ -75,6 +77,11 @@ def check_deepep(cfg: Config) -> None:
         raise ConfigError(f"{what} uses DeepEP, which moves bf16 activations; set model.dtype=bfloat16")
     world, per_node = topo.world_size // run.moe_tp, topo.ranks_per_node // run.moe_tp  # the EP world
     modes = deepep_modes(cfg)
+    if world >= NVL_PEERS and world % NVL_PEERS:  # deep_ep.Buffer's constructor asserts it in every mode
+        raise ConfigError(
+            f"{what}: DeepEP needs an EP world below {NVL_PEERS} ranks or a multiple of {NVL_PEERS}, got {world}; "
+            f"change runtime.moe_tp or use runtime.dispatcher flat or hierarchical"
+        )
     one_node = topo.nnodes == 1 and world <= NVL_PEERS  # one NVLink domain
     if "normal" in modes and (world not in NORMAL_WORLD_SIZES or not (one_node or per_node == NVL_PEERS)):
         raise ConfigError(
@@ -89,6 +96,26 @@ def check_deepep(cfg: Config) -> None:
             f"{LOW_LATENCY_MAX_TOPK}, got hidden {m.hidden_size}, top-k {m.num_experts_per_tok}; "
             f"use runtime.dispatcher lowlatency"
         )
+    if "low_latency" in modes:
+        _check_low_latency_capacity(what, run.max_tokens_per_rank, world)
+
+
+def _check_low_latency_capacity(what: str, capacity: int, world: int) -> None:
+    """DeepEP's low-latency asserts: (capacity + 1) x 2 fits NVSHMEM's QP depth, and world x capacity is a
+    multiple of 4 (its TMA copies)."""
+    from ..config import ConfigError
+
+    depth = int(os.environ.get("NVSHMEM_QP_DEPTH", DEFAULT_QP_DEPTH))
+    if (capacity + 1) * 2 > depth:
+        raise ConfigError(
+            f"runtime.max_tokens_per_rank={capacity}: {what} needs (max_tokens_per_rank + 1) x 2 <= "
+            f"NVSHMEM_QP_DEPTH ({depth}); use at most {depth // 2 - 1} or raise NVSHMEM_QP_DEPTH"
+        )
+    if world * capacity % 4:
+        raise ConfigError(
+            f"runtime.max_tokens_per_rank={capacity}: {what} needs EP world ({world}) x max_tokens_per_rank to "
+            f"be a multiple of 4; round max_tokens_per_rank up to a multiple of 4"
+        )
 
 
 @dataclass
@@ -101,6 +128,7 @@ class SharedBuffer:
     low_latency: tuple[int, int, int] | None = None  # (max tokens per rank, hidden, experts) when reserved
     num_qps_per_rank: int = 1
     buffer: Any = None
+    buffer_qps: int = 0  # the QPs per rank the current buffer was built with
     last_mode: str = ""
 
     def reserve(self, nvl: int = 0, rdma: int = 0, qps: int = 1, low_latency: tuple[int, int, int] | None = None):
@@ -113,6 +141,7 @@ class SharedBuffer:
             buf.num_nvl_bytes < self.num_nvl_bytes
             or buf.num_rdma_bytes < self.num_rdma_bytes
             or buf.low_latency_mode != (self.low_latency is not None)
+            or self.buffer_qps < self.num_qps_per_rank
         ):
             self.buffer = None
 
@@ -128,7 +157,7 @@ class SharedBuffer:
                 low_latency_mode=self.low_latency is not None,
                 num_qps_per_rank=self.num_qps_per_rank,
             )
-            self.last_mode = ""
+            self.buffer_qps, self.last_mode = self.num_qps_per_rank, ""
         if mode == "low_latency" and self.last_mode == "normal":
             self.buffer.clean_low_latency_buffer(*self.low_latency)  # normal kernels dirty the LL area
         self.last_mode = mode
@@ -185,7 +214,7 @@ class DeepEPDispatcher(_DeepEPBase):
         idx = self._topk_idx(topk_idx)
         per_rank, per_rdma_rank, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, self.num_experts)
         recv_x, recv_idx, recv_weights, per_local_expert, handle, _ = buf.dispatch(
-            x,
+            x.contiguous(),
             topk_idx=idx,
             topk_weights=topk_weights.float().contiguous(),
             num_tokens_per_rank=per_rank,
