@@ -23,6 +23,7 @@ from .bootstrap import LaunchEnv as LaunchEnv  # re-exported: callers check worl
 from .bootstrap import detect_launcher, reconcile_topology
 from .config import Config, ConfigError, check_environment, config_to_dict
 from .cpu_alloc import keep_buffers_in_heap
+from .cpu_sched import batch_scheduling_if_oversubscribed, cores_available
 from .topology import Topology
 
 
@@ -117,6 +118,13 @@ def init_runtime(cfg: Config) -> Runtime:
     else:
         device = torch.device("cpu")
         keep_buffers_in_heap()
+        if batch_scheduling_if_oversubscribed(env.local_world_size) and env.local_rank == 0:
+            print(
+                f"[epruntime] {env.local_world_size} ranks share {cores_available()} cores here: "
+                f"SCHED_BATCH (computing ranks are not preempted on every wake-up)",
+                file=sys.stderr,
+                flush=True,
+            )
     if not dist.is_initialized():
         backend = process_group_backend(cfg.topology.backend)
         if env.launcher == "none":
