@@ -57,11 +57,6 @@ def interleaved_medians(
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
-def median_ms(fn: Callable[[], Any], reps: int, device: torch.device) -> float:
-    """Median wall time of ``fn()`` over ``reps`` calls after one warm-up call."""
-    return interleaved_medians({"fn": fn}, reps, device)["fn"]
-
-
 def expert_flops(pairs: int, hidden: int, intermediate: int) -> int:
     """FLOPs of the SwiGLU expert stage for ``pairs`` (token, expert) pairs: gate+up and down GEMMs."""
     return 2 * pairs * hidden * 2 * intermediate + 2 * pairs * intermediate * hidden

@@ -172,4 +172,4 @@ def end_rank() -> None:
     """Leave the job together: wait for every rank, then tear torch.distributed down."""
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+    shutdown_runtime()

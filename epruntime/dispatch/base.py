@@ -227,11 +227,16 @@ class Dispatcher(ABC):
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.traffic = Traffic(on_device=torch.zeros(len(PHASES), len(LINKS), dtype=torch.int64, device=rt.device))
-        topo, me = rt.topo, rt.rank
-        same_node = [topo.node_of(r) == topo.node_of(me) for r in range(topo.world_size)]
+        links = [self._link(r) for r in range(rt.topo.world_size)]
         self._link_of_rank = torch.tensor(  # [2, W] 1 where a send to rank r crosses that link
-            [[s and r != me for r, s in enumerate(same_node)], [not s for s in same_node]], dtype=torch.int64
+            [[link == name for link in links] for name in ("intra_node", "inter_node")], dtype=torch.int64
         ).to(rt.device)
+
+    def _link(self, dest: int) -> str | None:
+        """The link a send to world rank ``dest`` crosses; None for this rank itself."""
+        if dest == self.rt.rank:
+            return None
+        return "intra_node" if self.rt.topo.node_of(dest) == self.rt.topo.node_of(self.rt.rank) else "inter_node"
 
     @abstractmethod
     def dispatch(
@@ -279,11 +284,10 @@ class Dispatcher(ABC):
         self, phase: str, dest_ranks: list[int], counts: list[int], row_bytes: int, meta_bytes: int
     ) -> None:
         """Add payload and metadata bytes sent to world ranks ``dest_ranks`` to the traffic counters."""
-        topo, me = self.rt.topo, self.rt.rank
         for dest, n in zip(dest_ranks, counts, strict=True):
-            if dest == me or n == 0:
+            link = self._link(dest)
+            if link is None or n == 0:
                 continue
-            link = "intra_node" if topo.node_of(dest) == topo.node_of(me) else "inter_node"
             self.traffic.add(phase, link, n * row_bytes)
             self.traffic.add(phase, "metadata", n * meta_bytes)
 
