@@ -11,7 +11,8 @@ from typing import NoReturn
 import torch.distributed as dist
 
 from .bootstrap import launched_with_peers
-from .config import DISPATCHERS, SHARED_EXPERT_MODES, Config, ConfigError, check_environment, load_config
+from .config import DISPATCHERS, SHARED_EXPERT_MODES, Config, ConfigError, load_config
+from .config_checks import check_environment
 from .health import SETTLE_S
 
 

@@ -21,7 +21,8 @@ import torch.distributed as dist
 from . import health
 from .bootstrap import LaunchEnv as LaunchEnv  # re-exported: callers check worlds with it
 from .bootstrap import detect_launcher, reconcile_topology
-from .config import Config, ConfigError, check_environment, config_to_dict
+from .config import Config, ConfigError, config_to_dict
+from .config_checks import check_environment
 from .cpu_alloc import keep_buffers_in_heap
 from .cpu_sched import batch_scheduling_if_oversubscribed, cores_available
 from .topology import Topology

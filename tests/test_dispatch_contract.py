@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from epruntime.config import CAPACITY_DISPATCHERS, DEEPEP_DISPATCHERS
+from epruntime.config_checks import CAPACITY_DISPATCHERS, DEEPEP_DISPATCHERS
 from epruntime.dispatch import BACKENDS, MOVES_ROWS, MaskedDispatchResult, make_dispatcher
 from epruntime.dispatch.deepep import deep_ep_import_error
 from epruntime.dispatch.lowlatency import CapacityError

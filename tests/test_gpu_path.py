@@ -13,7 +13,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from epruntime import experts as experts_module
-from epruntime.config import ConfigError, check_environment, config_from_dict
+from epruntime.config import ConfigError, config_from_dict
+from epruntime.config_checks import check_environment
 from epruntime.cuda_graph import GraphedMoE
 from epruntime.dispatch import deepep
 from epruntime.experts import LocalExperts, grouped_mm_fits

@@ -1,0 +1,199 @@
+"""Cross-field checks of a parsed :class:`~epruntime.config.Config`, made before any process group exists.
+
+:func:`validate` checks the config alone (every rank reaches the same verdict); :func:`check_environment`
+checks what this machine offers (GPUs, DeepEP, DeepGEMM). Each failure is one :class:`ConfigError` line
+naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import Config, MoEConfig
+
+DEEPEP_DISPATCHERS = ("deepep", "deepep_low_latency")  # need GPUs and a DeepEP build
+CAPACITY_DISPATCHERS = ("lowlatency", "deepep_low_latency")  # fixed runtime.max_tokens_per_rank per call
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message is one line that names the field and the fix."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate_model(m: MoEConfig) -> None:
+    """The model section's own constraints (also checked for a checkpoint's config.json)."""
+    for name in ("hidden_size", "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok", "n_group"):
+        _require(getattr(m, name) > 0, f"model.{name}: must be positive, got {getattr(m, name)}")
+    _require(m.n_shared_experts >= 0, f"model.n_shared_experts: must be >= 0, got {m.n_shared_experts}")
+    _require(m.topk_group > 0, f"model.topk_group: must be positive, got {m.topk_group}")
+    _require(
+        m.n_routed_experts % m.n_group == 0,
+        f"model.n_routed_experts: {m.n_routed_experts} is not divisible by model.n_group={m.n_group}; "
+        f"use a multiple of n_group",
+    )
+    _require(
+        m.topk_group <= m.n_group,
+        f"model.topk_group: {m.topk_group} is larger than model.n_group={m.n_group}; set topk_group <= n_group",
+    )
+    per_group = m.n_routed_experts // m.n_group
+    _require(
+        m.scoring_func != "sigmoid" or per_group >= 2 or m.n_group == 1,
+        f"model.n_group: sigmoid routing scores groups by their top-2 experts but each of the {m.n_group} "
+        f"groups has {per_group} expert; use fewer groups",
+    )
+    reachable = m.topk_group * per_group
+    _require(
+        m.num_experts_per_tok <= reachable,
+        f"model.num_experts_per_tok: {m.num_experts_per_tok} is more than the {reachable} experts in "
+        f"topk_group={m.topk_group} groups of {per_group}; lower num_experts_per_tok or raise topk_group",
+    )
+    _require(m.routed_scaling_factor > 0, "model.routed_scaling_factor: must be positive")
+    if m.max_nodes_per_token is not None:
+        nodes = m.max_nodes_per_token
+        _require(nodes > 0, f"model.max_nodes_per_token: must be positive, got {nodes}; or leave it unset (off)")
+        _require(
+            m.num_experts_per_tok % nodes == 0,
+            f"model.max_nodes_per_token: num_experts_per_tok={m.num_experts_per_tok} is not divisible by {nodes}; "
+            f"use a divisor of num_experts_per_tok",
+        )
+
+
+def _validate_node_limit(m: MoEConfig, nnodes: int) -> None:
+    """Node-limited routing must leave every token at least K experts to choose from."""
+    nodes = m.max_nodes_per_token
+    if nodes is None:
+        return
+    _require(
+        nodes <= nnodes,
+        f"model.max_nodes_per_token: {nodes} is more than topology.nnodes={nnodes}; set it <= nnodes or unset it",
+    )
+    per_node, per_group = m.n_routed_experts // nnodes, m.n_routed_experts // m.n_group
+    need = m.num_experts_per_tok // nodes
+    _require(
+        per_node >= need,
+        f"model.max_nodes_per_token: each node holds {per_node} experts, fewer than num_experts_per_tok / "
+        f"max_nodes_per_token = {need}; raise max_nodes_per_token",
+    )
+    group_limited = m.n_group > 1 and m.topk_group < m.n_group
+    _require(
+        not group_limited or per_node % per_group == 0,
+        f"model.max_nodes_per_token: with group-limited routing each node must hold whole expert groups, but a node "
+        f"holds {per_node} experts and a group {per_group}; make model.n_group a multiple of topology.nnodes "
+        f"or set topk_group = n_group",
+    )
+
+
+def validate(cfg: Config) -> None:
+    """Check every cross-field constraint; raise ConfigError with a one-line fix on the first."""
+    m, topo, run = cfg.model, cfg.topology, cfg.runtime
+    validate_model(m)
+    _require(topo.nnodes > 0, f"topology.nnodes: must be positive, got {topo.nnodes}")
+    _require(topo.ranks_per_node > 0, f"topology.ranks_per_node: must be positive, got {topo.ranks_per_node}")
+    world = topo.world_size
+    _require(
+        m.n_routed_experts % world == 0,
+        f"model.n_routed_experts: {m.n_routed_experts} experts are not divisible by the world size {world} "
+        f"(topology.nnodes={topo.nnodes} x topology.ranks_per_node={topo.ranks_per_node}); "
+        f"use a world size that divides {m.n_routed_experts}",
+    )
+    _validate_node_limit(m, topo.nnodes)
+    _require(
+        not (topo.device == "cpu" and topo.backend == "nccl"),
+        "topology.backend: nccl needs topology.device=cuda; use backend=gloo for CPU ranks",
+    )
+    _require(
+        not (topo.device == "cuda" and topo.backend == "gloo"),
+        "topology.backend: gloo on topology.device=cuda is not supported; use backend=nccl for GPUs",
+    )
+    _require(
+        not (topo.device == "cpu" and m.dtype == "float16"),
+        "model.dtype: float16 is not supported on CPU; use float32 or bfloat16",
+    )
+    _require(run.tokens_per_rank >= 0, f"runtime.tokens_per_rank: must be >= 0, got {run.tokens_per_rank}")
+    _validate_gpu_path(cfg)
+    _require(run.iters > 0, f"runtime.iters: must be positive, got {run.iters}")
+    _require(run.warmup >= 0, f"runtime.warmup: must be >= 0, got {run.warmup}")
+    _require(run.timeout_s > 0, f"runtime.timeout_s: must be positive, got {run.timeout_s}")
+    _validate_tensor_parallel(cfg)
+
+
+def _validate_tensor_parallel(cfg: Config) -> None:
+    """Expert TP: groups of ``moe_tp`` ranks inside one node split every expert's intermediate dim."""
+    m, topo, run = cfg.model, cfg.topology, cfg.runtime
+    tp = run.moe_tp
+    _require(tp > 0, f"runtime.moe_tp: must be positive, got {tp}")
+    _require(
+        topo.ranks_per_node % tp == 0,
+        f"runtime.moe_tp: {tp} does not divide topology.ranks_per_node={topo.ranks_per_node}; "
+        f"a TP group must be ranks of one node, so use a divisor of {topo.ranks_per_node}",
+    )
+    _require(
+        m.moe_intermediate_size % tp == 0,
+        f"runtime.moe_tp: model.moe_intermediate_size={m.moe_intermediate_size} is not divisible by {tp}; "
+        f"use a moe_tp that divides it",
+    )
+    _require(
+        run.shared_expert_tp in (1, tp),
+        f"runtime.shared_expert_tp: must be 1 (replicated) or runtime.moe_tp={tp} (sharded), "
+        f"got {run.shared_expert_tp}",
+    )
+    if m.weight_block_size and run.shared_expert_tp > 1:
+        block = m.weight_block_size[0]
+        _require(
+            (m.moe_intermediate_size // tp) % block == 0,
+            f"runtime.moe_tp: moe_intermediate_size / moe_tp = {m.moe_intermediate_size // tp} is not a multiple "
+            f"of the weight block {block} (model.weight_block_size); set runtime.shared_expert_tp: 1 to keep the "
+            f"shared expert whole, or choose a moe_tp that keeps slices block-aligned",
+        )
+
+
+def _validate_gpu_path(cfg: Config) -> None:
+    """Capacity of the low-latency dispatchers, and what DeepEP and DeepGEMM need from the config."""
+    m, topo, run = cfg.model, cfg.topology, cfg.runtime
+    cap = run.max_tokens_per_rank
+    _require(cap > 0, f"runtime.max_tokens_per_rank: must be positive, got {cap}")
+    _require(
+        run.dispatcher not in CAPACITY_DISPATCHERS or run.tokens_per_rank <= cap,
+        f"runtime.tokens_per_rank: {run.tokens_per_rank} is more than runtime.max_tokens_per_rank={cap}, the fixed "
+        f"capacity of the {run.dispatcher} dispatcher; raise max_tokens_per_rank or lower tokens_per_rank",
+    )
+    gpu_only = [f"runtime.dispatcher: {run.dispatcher}"] if run.dispatcher in DEEPEP_DISPATCHERS else []
+    gpu_only += ["runtime.grouped_gemm: deep_gemm"] if run.grouped_gemm == "deep_gemm" else []
+    for what in gpu_only:
+        _require(
+            topo.device == "cuda",
+            f"{what} runs on GPUs only; set topology.device=cuda, or on CPU use runtime.dispatcher flat/lowlatency "
+            f"and runtime.grouped_gemm auto",
+        )
+        _require(m.dtype == "bfloat16", f"{what} needs model.dtype=bfloat16, got {m.dtype}; set model.dtype=bfloat16")
+
+
+def uses_deepep(cfg: Config) -> bool:
+    """Whether the configured dispatcher needs DeepEP (``auto`` does on GPUs)."""
+    run = cfg.runtime
+    return run.dispatcher in DEEPEP_DISPATCHERS or (run.dispatcher == "auto" and cfg.topology.device == "cuda")
+
+
+def check_environment(cfg: Config) -> None:
+    """Checks that depend on this machine (GPUs, DeepEP, DeepGEMM), made before any process group exists."""
+    if cfg.topology.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "topology.device: cuda was requested but no CUDA GPU is visible; "
+                "run on a GPU node or set topology.device=cpu topology.backend=gloo"
+            )
+    if uses_deepep(cfg):
+        from .dispatch.deepep import check_deepep  # imports deep_ep only here
+
+        check_deepep(cfg)
+    if cfg.runtime.grouped_gemm == "deep_gemm":
+        from .fp8 import check_deep_gemm
+
+        check_deep_gemm(cfg)
