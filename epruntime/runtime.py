@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -163,6 +164,15 @@ def init_runtime(cfg: Config) -> Runtime:
     )
 
 
+_AT_END_RANK: list[Callable[[], None]] = []
+
+
+def at_end_rank(release: Callable[[], None]) -> None:
+    """Have :func:`end_rank` call ``release`` once every rank has arrived: for teardown that all ranks
+    must make together (DeepEP's buffers), which an error path must not attempt."""
+    _AT_END_RANK.append(release)
+
+
 def shutdown_runtime() -> None:
     """Tear down torch.distributed if it was started."""
     if dist.is_initialized():
@@ -170,7 +180,10 @@ def shutdown_runtime() -> None:
 
 
 def end_rank() -> None:
-    """Leave the job together: wait for every rank, then tear torch.distributed down."""
+    """Leave the job together: wait for every rank, release what :func:`at_end_rank` registered (last
+    first), then tear torch.distributed down."""
     if dist.is_initialized():
         dist.barrier()
+    while _AT_END_RANK:
+        _AT_END_RANK.pop()()
     shutdown_runtime()

@@ -15,7 +15,9 @@ Written against DeepEP's ``deep_ep.Buffer`` API at the commit docker/Dockerfile 
 One ``deep_ep.Buffer`` per process and group serves every layer. Each dispatcher reserves what it
 needs from DeepEP's size hints when it is built; the buffer is allocated on first use for all the
 reservations (both modes when ``auto`` built both) and the low-latency part is cleaned whenever
-the low-latency kernels follow the normal ones, as DeepEP requires. ``import deep_ep`` happens only
+the low-latency kernels follow the normal ones, as DeepEP requires. Buffers are destroyed explicitly,
+by every rank together: before one is rebuilt larger, and in ``end_rank`` (never on an error path,
+where a dead peer would leave the others in DeepEP's barrier). ``import deep_ep`` happens only
 when one of these dispatchers is built, so this module imports without DeepEP.
 """
 
@@ -28,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from ..runtime import Runtime
+from ..runtime import Runtime, at_end_rank
 from .base import AsyncDispatcher, Dispatcher, DispatchResult, InFlight, MaskedDispatchResult
 from .lowlatency import check_capacity
 
@@ -143,6 +145,12 @@ class SharedBuffer:
             or buf.low_latency_mode != (self.low_latency is not None)
             or self.buffer_qps < self.num_qps_per_rank
         ):
+            self.release()
+
+    def release(self) -> None:
+        """Destroy the buffer now (collective: every rank of the group calls it at the same point)."""
+        if self.buffer is not None:
+            self.buffer.destroy()
             self.buffer = None
 
     def use(self, mode: str) -> Any:
@@ -156,6 +164,7 @@ class SharedBuffer:
                 self.num_rdma_bytes,
                 low_latency_mode=self.low_latency is not None,
                 num_qps_per_rank=self.num_qps_per_rank,
+                explicitly_destroy=True,  # DeepEP's destructor can hang Python's exception handling
             )
             self.buffer_qps, self.last_mode = self.num_qps_per_rank, ""
         if mode == "low_latency" and self.last_mode == "normal":
@@ -168,8 +177,17 @@ _BUFFERS: dict[dist.ProcessGroup, SharedBuffer] = {}
 
 
 def shared_buffer(group: dist.ProcessGroup) -> SharedBuffer:
-    """The process-wide :class:`SharedBuffer` of ``group``."""
+    """The process-wide :class:`SharedBuffer` of ``group``; all of them are released by ``end_rank``."""
+    if not _BUFFERS:
+        at_end_rank(release_buffers)
     return _BUFFERS.setdefault(group, SharedBuffer(group))
+
+
+def release_buffers() -> None:
+    """Destroy every DeepEP buffer of this process (all ranks together, as ``end_rank`` calls it)."""
+    for buffer in _BUFFERS.values():
+        buffer.release()
+    _BUFFERS.clear()
 
 
 class _DeepEPBase(Dispatcher):
