@@ -142,6 +142,7 @@ def bench_cases(
         if baseline is not None and rt.rank == 0:
             one = baseline.median_ms()
             record["single_rank_ms"] = one
+            record["single_rank_cpu_ms"] = baseline.median_cpu_ms()
             record["ratio_to_single_rank"] = record["timing_ms"]["total"] / one
         records.append(record)
     return records

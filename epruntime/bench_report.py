@@ -67,6 +67,9 @@ def format_bench(report: dict[str, Any]) -> str:
             lines.append(
                 f"    vs one rank, same total tokens: {r['single_rank_ms']:.2f} ms -> {r['ratio_to_single_rank']:.2f}x"
             )
+        cpu = "  ".join(f"{s} {r['cpu_ms_all_ranks'][s]:.1f}" for s in STAGES)
+        one = f" (one rank: {r['single_rank_cpu_ms']:.1f})" if "single_rank_cpu_ms" in r else ""
+        lines.append(f"    host CPU ms per layer, all ranks: {cpu}{one}")
     return "\n".join(lines)
 
 

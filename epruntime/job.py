@@ -57,32 +57,41 @@ def measure_layer(
     between: Callable[[int], None] | None = None,
     block: int = 3,
 ) -> tuple[dict[str, Any], torch.Tensor]:
-    """Warm up, time ``iters`` forwards; stage medians of the slowest rank, traffic per layer, tokens/s.
+    """Warm up, time ``iters`` forwards; stage medians of the slowest rank, host CPU per stage summed over
+    ranks, traffic per layer, tokens/s.
 
     Every rank must call it; every rank gets the same figures, and its own last output. ``between(n)``,
     when given, runs before each block of ``block`` timed forwards (a contender timed in turns with
-    this layer, ``n`` calls per turn).
+    this layer, ``n`` calls per turn), and is followed by one untimed forward: each side of a turn
+    starts with one call that finds the caches the other side left.
     """
     tp = layer.parallel.tp_size  # the ranks of one expert-TP group share their tokens
     for _ in range(warmup):
         layer(x)
     layer.timer.reset()
     layer.dispatcher.traffic.reset()
+    calls = iters
     for i in range(iters):
         if between is not None and i % block == 0:
             between(min(block, iters - i))
+            with layer.timer.paused():
+                layer(x)
+            calls += 1
         y = layer(x)
     medians = layer.timer.medians_ms()
     slowest = dict(zip(STAGES, _reduce([medians[s] for s in STAGES], dist.ReduceOp.MAX), strict=True))
+    cpu = layer.timer.cpu_medians_ms()
+    cpu_all_ranks = dict(zip(STAGES, _reduce([cpu[s] for s in STAGES], dist.ReduceOp.SUM), strict=True))
     traffic = layer.dispatcher.traffic.as_tensor()
     dist.all_reduce(traffic)
     total_tokens = int(_reduce([float(x.shape[0])], dist.ReduceOp.SUM)[0]) // tp
-    report = traffic_report(torch.div(traffic, iters, rounding_mode="floor"))
+    report = traffic_report(torch.div(traffic, calls, rounding_mode="floor"))
     stats = {
         "dispatcher": layer.dispatcher.name,
         "shared_expert": layer.shared_mode,
         "total_tokens": total_tokens,
         "timing_ms": slowest,
+        "cpu_ms_all_ranks": cpu_all_ranks,
         "throughput_tokens_per_s": total_tokens / (slowest["total"] / 1e3) if slowest["total"] else 0.0,
         "traffic_bytes": report,
         "traffic_bytes_per_token": {link: report[link] / max(total_tokens, 1) for link in ("intra_node", "inter_node")},

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from .job import synthetic_tokens
 from .moe import EPMoE
 from .runtime import Runtime
-from .timing import time_ms
+from .timing import wall_and_cpu_ms
 from .topology import Topology
 
 
@@ -48,6 +48,7 @@ class SingleRankBaseline:
     def __init__(self, rt: Runtime, layer_seed: int, tokens_per_rank: int) -> None:
         self.rt = rt
         self.samples: list[float] = []
+        self.cpu_samples: list[float] = []  # host CPU ms of the same calls, all threads
         group = dist.new_group([0])  # a collective call: every rank makes it
         self.layer: EPMoE | None = None
         if rt.rank == 0:
@@ -65,11 +66,18 @@ class SingleRankBaseline:
             torch.set_num_threads(os.cpu_count() or 1)
             try:
                 self.layer(self.x)
-                self.samples += [time_ms(lambda: self.layer(self.x), self.rt.device) for _ in range(calls)]
+                for _ in range(calls):
+                    wall, cpu = wall_and_cpu_ms(lambda: self.layer(self.x), self.rt.device)
+                    self.samples.append(wall)
+                    self.cpu_samples.append(cpu)
             finally:
                 torch.set_num_threads(threads)
         dist.barrier()
 
     def median_ms(self) -> float | None:
-        """Median of the timed calls so far (rank 0); None on the other ranks."""
+        """Median wall ms of the timed calls so far (rank 0); None on the other ranks."""
         return statistics.median(self.samples) if self.samples else None
+
+    def median_cpu_ms(self) -> float | None:
+        """Median host-CPU ms of the timed calls so far (rank 0, every thread); None on the other ranks."""
+        return statistics.median(self.cpu_samples) if self.cpu_samples else None

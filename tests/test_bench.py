@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from epruntime.bench import expert_flops, interleaved_medians
-from epruntime.timing import STAGES
+from epruntime.timing import STAGES, StageTimer
 from tests.test_cli import _epruntime
 
 TINY = ["--set", "model.hidden_size=64", "--set", "model.moe_intermediate_size=32", "--set", "runtime.warmup=1"]
@@ -22,6 +23,23 @@ def test_interleaved_medians_times_each_contender_reps_times_in_turns() -> None:
     # each turn: one untimed call, then up to 3 timed ones; 5 timed calls = turns of 3 and 2
     assert calls == ["a"] * 4 + ["b"] * 4 + ["a"] * 3 + ["b"] * 3
     assert set(medians) == {"a", "b"} and all(ms >= 0 for ms in medians.values())
+
+
+def test_stage_timer_tells_cpu_time_from_waiting() -> None:
+    timer = StageTimer(torch.device("cpu"))
+    for _ in range(3):
+        with timer.forward():
+            with timer.stage("dispatch"):  # waiting, as a rank does in a collective
+                time.sleep(0.05)
+            with timer.stage("experts"):  # computing
+                end = time.process_time() + 0.05
+                while time.process_time() < end:
+                    pass
+    wall, cpu = timer.medians_ms(), timer.cpu_medians_ms()
+    assert wall["dispatch"] >= 50 and cpu["dispatch"] < 10
+    assert cpu["experts"] >= 50 and wall["experts"] >= cpu["experts"] * 0.9
+    assert wall["total"] >= wall["dispatch"] + wall["experts"] and cpu["total"] >= cpu["experts"]
+    assert wall["router"] == cpu["router"] == 0.0  # never entered
 
 
 def test_expert_flops_counts_gate_up_and_down_gemms() -> None:
@@ -67,4 +85,7 @@ def test_many_rank_bench_sweeps_dispatchers_and_modes_against_one_rank(tmp_path:
     for case in report["cases"]:
         assert case["single_rank_ms"] > 0
         assert case["ratio_to_single_rank"] == pytest.approx(case["timing_ms"]["total"] / case["single_rank_ms"])
+        cpu = case["cpu_ms_all_ranks"]  # summed over the 4 ranks: each computes in every stage it times
+        assert set(cpu) == set(STAGES) and cpu["total"] >= cpu["experts"] > 0 and case["single_rank_cpu_ms"] > 0
     assert proc.stdout.count("vs one rank, same total tokens") == 4
+    assert proc.stdout.count("host CPU ms per layer, all ranks: router") == 4
