@@ -131,9 +131,9 @@ def format_summary(s: dict[str, Any]) -> str:
     lines = [
         f"epruntime run: {s['world_size']} ranks = {s['nnodes']} nodes x {s['ranks_per_node']} | "
         f"dispatcher {s['dispatcher']} | {s['tokens_per_rank']} tokens/rank | {s['dtype']} | {s['iters']} iters",
-        "stage      median ms (slowest rank)",
+        "stage      median ms (slowest rank)   host CPU ms (all ranks)",
     ]
-    lines += [f"  {stage:<9}{s['timing_ms'][stage]:10.3f}" for stage in STAGES]
+    lines += [f"  {stage:<9}{s['timing_ms'][stage]:10.3f}{s['cpu_ms_all_ranks'][stage]:26.1f}" for stage in STAGES]
     lines.append(f"throughput {s['throughput_tokens_per_s']:,.0f} tokens/s ({s['total_tokens']} tokens per layer)")
     t = s["traffic_bytes"]
     for phase in ("dispatch", "combine"):
