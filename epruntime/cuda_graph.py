@@ -41,19 +41,19 @@ class GraphedMoE:
         self.x = torch.zeros(num_tokens, layer.cfg.hidden_size, dtype=layer.cfg.torch_dtype, device=layer.rt.device)
         self.graph = torch.cuda.CUDAGraph()
         # Neither the stage timer nor the finite check (an all-gather read on the host) can run in a graph.
-        timing, layer.timer.enabled = layer.timer.enabled, False
         finite, layer.check_finite = layer.check_finite, False
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm up off the default stream, as torch.cuda.graph requires
-                for _ in range(warmup):
-                    layer(self.x)
-            torch.cuda.current_stream().wait_stream(side)
-            with torch.cuda.graph(self.graph):
-                self.y = layer(self.x)  # [T, H], rewritten by every replay
+            with layer.timer.paused():
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm up off the default stream, as torch.cuda.graph requires
+                    for _ in range(warmup):
+                        layer(self.x)
+                torch.cuda.current_stream().wait_stream(side)
+                with torch.cuda.graph(self.graph):
+                    self.y = layer(self.x)  # [T, H], rewritten by every replay
         finally:
-            layer.timer.enabled, layer.check_finite = timing, finite
+            layer.check_finite = finite
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H] (the graph's output buffer)
         """Run the captured forward on ``x``; the result is overwritten by the next call."""
