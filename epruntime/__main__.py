@@ -1,5 +1,5 @@
 """``python -m epruntime`` is the ``epruntime`` command (so ``torchrun -m epruntime run`` works)."""
 
-from .cli import console_main
+from epruntime.cli.main import console_main
 
 console_main()

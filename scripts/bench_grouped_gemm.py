@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from epruntime.config import MoEConfig
-from epruntime.experts import LocalExperts
-from epruntime.fp8 import deep_gemm_import_error
+from epruntime.config.schema import MoEConfig
+from epruntime.io.fp8 import deep_gemm_import_error
+from epruntime.layer.experts import LocalExperts
 
 
 def device_name(device: torch.device) -> str:

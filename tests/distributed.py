@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from epruntime.config import Config, config_from_dict, config_to_dict
+from epruntime.config.schema import Config, config_from_dict, config_to_dict
 
 _CTX = mp.get_context("forkserver")
 _CTX.set_forkserver_preload(["torch", "epruntime", "epruntime.models"])  # transformers once, not per rank
@@ -46,7 +46,7 @@ def _worker(payload: bytes, rank: int, port: int, results: Any) -> None:
     try:
         import torch
 
-        from epruntime.runtime import init_runtime, shutdown_runtime
+        from epruntime.parallel.runtime import init_runtime, shutdown_runtime
 
         torch.set_num_threads(1)
         rt = init_runtime(config_from_dict(cfg_dict))

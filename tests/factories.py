@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
-from epruntime.config import Config, config_from_dict
-from epruntime.hf_peer import hf_moe as hf_moe_module
-from epruntime.hf_peer import hf_moe_config
-from epruntime.weights import random_state_dict
+from epruntime.config.schema import Config, config_from_dict
+from epruntime.io.weights import random_state_dict
+from epruntime.layer.hf_peer import hf_moe as hf_moe_module
+from epruntime.layer.hf_peer import hf_moe_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

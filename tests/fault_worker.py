@@ -16,7 +16,7 @@ import time
 import torch
 
 from epruntime import EPMoE, init_runtime
-from epruntime.health import run_or_exit, stage
+from epruntime.parallel.health import run_or_exit, stage
 from tests.factories import make_config, tokens
 
 TIMEOUT_S = 6.0

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from epruntime.bench import expert_flops, interleaved_medians
-from epruntime.timing import STAGES, StageTimer
+from epruntime.cli.bench import expert_flops, interleaved_medians
+from epruntime.cli.instruments import STAGES, StageTimer
 from tests.test_cli import _epruntime
 
 TINY = ["--set", "model.hidden_size=64", "--set", "model.moe_intermediate_size=32", "--set", "runtime.warmup=1"]

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from epruntime.checkpoint import CheckpointError, CheckpointReader, checkpoint_weight_bytes, dequantize_fp8
-from epruntime.topology import Topology
-from epruntime.weights import expert_weights, gate_weights, shared_weights
+from epruntime.io.checkpoint import CheckpointError, CheckpointReader, checkpoint_weight_bytes, dequantize_fp8
+from epruntime.io.weights import expert_weights, gate_weights, shared_weights
+from epruntime.parallel.topology import Topology
 from tests.tiny_checkpoints import MOE_LAYERS, TINY, quantize_blocks, write_checkpoints
 
 E, LAYER = TINY["n_routed_experts"], MOE_LAYERS[0]

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from epruntime.cli import main
-from epruntime.config import ConfigError, MoEConfig, config_from_dict, load_config
-from epruntime.runtime import LaunchEnv, reconcile_topology
+from epruntime.cli.main import main
+from epruntime.config.schema import ConfigError, MoEConfig, config_from_dict, load_config
+from epruntime.parallel.runtime import LaunchEnv, reconcile_topology
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_SIM = ROOT / "configs" / "cpu-sim.yaml"

@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from epruntime.cpu_sched import batch_scheduling_if_oversubscribed, cores_available
-from epruntime.runtime import Runtime
+from epruntime.parallel.cpu_sched import batch_scheduling_if_oversubscribed, cores_available
+from epruntime.parallel.runtime import Runtime
 from tests.distributed import run_world
 from tests.factories import make_config
 

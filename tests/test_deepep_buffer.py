@@ -13,8 +13,8 @@ from typing import ClassVar
 
 import pytest
 
-from epruntime import runtime
 from epruntime.dispatch import deepep
+from epruntime.parallel import runtime
 
 
 class RecordingBuffer:

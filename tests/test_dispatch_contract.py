@@ -18,13 +18,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from epruntime.config_checks import CAPACITY_DISPATCHERS, DEEPEP_DISPATCHERS
+from epruntime.config.checks import CAPACITY_DISPATCHERS, DEEPEP_DISPATCHERS
 from epruntime.dispatch import BACKENDS, MOVES_ROWS, MaskedDispatchResult, make_dispatcher
 from epruntime.dispatch.deepep import deep_ep_import_error
 from epruntime.dispatch.lowlatency import CapacityError
-from epruntime.moe import EPMoE
-from epruntime.reference import reference_moe
-from epruntime.runtime import Runtime
+from epruntime.layer.moe import EPMoE
+from epruntime.layer.reference import reference_moe
+from epruntime.parallel.runtime import Runtime
 from tests.distributed import run_world
 from tests.factories import gpu_config, layer_weights, make_config, rel_err, tokens
 

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from epruntime.hf_peer import fused_hf_state_dict
-from epruntime.moe import EPMoE
-from epruntime.reference import reference_moe
-from epruntime.runtime import Runtime, init_runtime, shutdown_runtime
+from epruntime.layer.hf_peer import fused_hf_state_dict
+from epruntime.layer.moe import EPMoE
+from epruntime.layer.reference import reference_moe
+from epruntime.parallel.runtime import Runtime, init_runtime, shutdown_runtime
 from tests.distributed import run_world
 from tests.factories import hf_moe, layer_weights, make_config, rel_err, tokens
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from epruntime.dispatch.base import count_tokens_per_expert, pack_routing, unpack_routing
-from epruntime.experts import LocalExperts
+from epruntime.layer.experts import LocalExperts
 from tests.factories import make_config, rel_err
 
 

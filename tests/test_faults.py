@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from epruntime.health import SETTLE_S
+from epruntime.parallel.health import SETTLE_S
 from tests.distributed import _free_port
 from tests.fault_worker import TIMEOUT_S
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from epruntime.dispatch.base import count_tokens_per_expert
-from epruntime.experts import LocalExperts
-from epruntime.fp8 import (
+from epruntime.io.fp8 import (
     FP8,
     Fp8Block,
     aligned_layout,
@@ -15,6 +14,7 @@ from epruntime.fp8 import (
     quantize_block_fp8,
     quantize_per_token_fp8,
 )
+from epruntime.layer.experts import LocalExperts
 from tests.factories import make_config, rel_err
 
 

@@ -12,15 +12,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from epruntime import experts as experts_module
-from epruntime.config import ConfigError, config_from_dict
-from epruntime.config_checks import check_environment
-from epruntime.cuda_graph import GraphedMoE
+from epruntime.config.checks import check_environment
+from epruntime.config.schema import ConfigError, config_from_dict
 from epruntime.dispatch import deepep
-from epruntime.experts import LocalExperts, grouped_mm_fits
-from epruntime.health import all_gather_flat
-from epruntime.moe import EPMoE
-from epruntime.runtime import init_runtime, process_group_backend, shutdown_runtime
+from epruntime.layer import experts as experts_module
+from epruntime.layer.cuda_graph import GraphedMoE
+from epruntime.layer.experts import LocalExperts, grouped_mm_fits
+from epruntime.layer.moe import EPMoE
+from epruntime.parallel.health import all_gather_flat
+from epruntime.parallel.runtime import init_runtime, process_group_backend, shutdown_runtime
 from tests.factories import SMALL_MODEL, make_config, rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +113,7 @@ def test_gpu_only_choices_are_rejected_on_cpu() -> None:
 
 
 def test_deep_gemm_missing_fails_at_config_time(fake_gpu, monkeypatch) -> None:
-    from epruntime import fp8
+    from epruntime.io import fp8
 
     monkeypatch.setattr(fp8, "deep_gemm_import_error", lambda: "ModuleNotFoundError: No module named 'deep_gemm'")
     with pytest.raises(ConfigError, match=r"deep_gemm needs DeepGEMM.*grouped_gemm=auto"):

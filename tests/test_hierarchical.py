@@ -12,10 +12,10 @@ import torch
 from epruntime.dispatch import make_dispatcher
 from epruntime.dispatch.base import PHASES
 from epruntime.dispatch.flat import destinations, localize
-from epruntime.moe import EPMoE
-from epruntime.reference import reference_moe
-from epruntime.runtime import Runtime
-from epruntime.topology import Topology
+from epruntime.layer.moe import EPMoE
+from epruntime.layer.reference import reference_moe
+from epruntime.parallel.runtime import Runtime
+from epruntime.parallel.topology import Topology
 from tests.distributed import run_world
 from tests.factories import layer_weights, make_config, rel_err, tokens
 

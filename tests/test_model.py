@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from epruntime.checkpoint import CheckpointReader, checkpoint_weight_bytes
-from epruntime.generate import eos_ids, generate_config, generate_prompts, greedy_generate
-from epruntime.runtime import Runtime
-from epruntime.topology import Topology
+from epruntime.cli.generate import eos_ids, generate_config, generate_prompts, greedy_generate
+from epruntime.io.checkpoint import CheckpointReader, checkpoint_weight_bytes
+from epruntime.parallel.runtime import Runtime
+from epruntime.parallel.topology import Topology
 from tests.distributed import run_world
 from tests.factories import make_config, rel_err
 from tests.tiny_checkpoints import (
@@ -74,7 +74,7 @@ def _expert_keys(rt: Runtime, suffixes: tuple[str, ...]) -> set[str]:
 
 
 def _rank_checks(rt: Runtime, paths: dict[str, Path], eos: int, cli: list[str] | None) -> dict:
-    from epruntime.cli import main
+    from epruntime.cli.main import main
     from epruntime.models import DeepseekEP
 
     ids, out, models = rank_ids(rt.rank), {}, {}
@@ -141,7 +141,7 @@ def test_model_matches_transformers(ckpts, expected, nnodes: int, ranks_per_node
 
 
 def test_generate_config_takes_the_model_from_the_checkpoint(ckpts: dict[str, Path]) -> None:
-    from epruntime.config import ConfigError
+    from epruntime.config.schema import ConfigError
 
     reader = CheckpointReader(ckpts["fp8"])
     cfg = generate_config(reader, "configs/cpu-sim.yaml", ["runtime.seed=3"], "bfloat16")

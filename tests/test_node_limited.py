@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from epruntime.config import ConfigError
+from epruntime.config.schema import ConfigError
 from epruntime.dispatch.flat import destinations
-from epruntime.router import route
+from epruntime.layer.router import route
 from tests.factories import layer_weights, make_config, tokens
 
 CASES = [

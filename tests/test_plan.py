@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from epruntime.cli import main
-from epruntime.config import load_config
-from epruntime.plan import make_plan, weight_bytes
+from epruntime.cli.main import main
+from epruntime.cli.plan import make_plan, weight_bytes
+from epruntime.config.schema import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 EP32 = str(ROOT / "configs" / "deepseek-v3-ep32.yaml")

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from epruntime import EPMoE, init_runtime
-from epruntime.reference import reference_moe
-from epruntime.runtime import Runtime, shutdown_runtime
+from epruntime.layer.reference import reference_moe
+from epruntime.parallel.runtime import Runtime, shutdown_runtime
 from tests.distributed import _free_port, run_world
 from tests.factories import layer_weights, make_config, rel_err, tokens
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from epruntime.router import route
+from epruntime.layer.router import route
 from tests.factories import hf_config, layer_weights, make_config, tokens
 
 SHAPES = [

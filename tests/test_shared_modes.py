@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from epruntime.config import ConfigError
-from epruntime.memtrack import peak_bytes
-from epruntime.moe import EPMoE
-from epruntime.reference import reference_moe
-from epruntime.runtime import Runtime, init_runtime, shutdown_runtime
-from epruntime.shared_modes import compare_shared_modes
+from epruntime.cli.memtrack import peak_bytes
+from epruntime.cli.shared_modes import compare_shared_modes
+from epruntime.config.schema import ConfigError
+from epruntime.layer.moe import EPMoE
+from epruntime.layer.reference import reference_moe
+from epruntime.parallel.runtime import Runtime, init_runtime, shutdown_runtime
 from tests.distributed import run_world
 from tests.factories import layer_weights, make_config, rel_err, tokens
 

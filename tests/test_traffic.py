@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 import torch
 
+from epruntime.cli.plan import expected_traffic
 from epruntime.dispatch import make_dispatcher, traffic_report
 from epruntime.dispatch.base import LINKS, PHASES
-from epruntime.moe import EPMoE
-from epruntime.plan import expected_traffic
-from epruntime.runtime import Runtime
-from epruntime.topology import Topology
+from epruntime.layer.moe import EPMoE
+from epruntime.parallel.runtime import Runtime
+from epruntime.parallel.topology import Topology
 from tests.distributed import run_world
 from tests.factories import SMALL_MODEL, layer_weights, make_config, tokens
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from ..runtime import Runtime
-from .auto import AutoDispatcher
-from .base import Dispatcher, DispatchResult, MaskedDispatchResult, Traffic, traffic_report
-from .deepep import DeepEPDispatcher, DeepEPLowLatencyDispatcher
-from .flat import FlatDispatcher
-from .hierarchical import HierarchicalDispatcher
-from .local import LocalDispatcher
-from .lowlatency import LowLatencyDispatcher
+from epruntime.dispatch.auto import AutoDispatcher
+from epruntime.dispatch.base import Dispatcher, DispatchResult, MaskedDispatchResult, Traffic, traffic_report
+from epruntime.dispatch.deepep import DeepEPDispatcher, DeepEPLowLatencyDispatcher
+from epruntime.dispatch.flat import FlatDispatcher
+from epruntime.dispatch.hierarchical import HierarchicalDispatcher
+from epruntime.dispatch.local import LocalDispatcher
+from epruntime.dispatch.lowlatency import LowLatencyDispatcher
+from epruntime.parallel.runtime import Runtime
 
 BACKENDS: dict[str, type[Dispatcher]] = {"flat": FlatDispatcher, "hierarchical": HierarchicalDispatcher}
 BACKENDS.update(

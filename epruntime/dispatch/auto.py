@@ -16,11 +16,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..runtime import Runtime
-from .base import AsyncDispatcher, Dispatcher, DispatchResult, InFlight, MaskedDispatchResult
-from .deepep import DeepEPDispatcher, DeepEPLowLatencyDispatcher
-from .flat import FlatDispatcher
-from .lowlatency import LowLatencyDispatcher
+from epruntime.dispatch.base import AsyncDispatcher, Dispatcher, DispatchResult, InFlight, MaskedDispatchResult
+from epruntime.dispatch.deepep import DeepEPDispatcher, DeepEPLowLatencyDispatcher
+from epruntime.dispatch.flat import FlatDispatcher
+from epruntime.dispatch.lowlatency import LowLatencyDispatcher
+from epruntime.parallel.runtime import Runtime
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..runtime import Runtime
+from epruntime.parallel.runtime import Runtime
 
 PHASES = ("dispatch", "combine")
 LINKS = ("intra_node", "inter_node", "metadata")

@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from ..runtime import Runtime, at_end_rank
-from .base import AsyncDispatcher, Dispatcher, DispatchResult, InFlight, MaskedDispatchResult
-from .lowlatency import check_capacity
+from epruntime.dispatch.base import AsyncDispatcher, Dispatcher, DispatchResult, InFlight, MaskedDispatchResult
+from epruntime.dispatch.lowlatency import check_capacity
+from epruntime.parallel.runtime import Runtime, at_end_rank
 
 if TYPE_CHECKING:
-    from ..config import Config
+    from epruntime.config.schema import Config
 
 HOW_TO_GET = (
     "use the GPU image (docker/README.md) or build DeepEP with NVSHMEM (docs/gpu.md), "
@@ -68,7 +68,7 @@ def deepep_modes(cfg: Config) -> tuple[str, ...]:
 
 def check_deepep(cfg: Config) -> None:
     """Config-time checks for the DeepEP dispatchers: importable, bf16, and shapes its kernels support."""
-    from ..config import ConfigError
+    from epruntime.config.schema import ConfigError
 
     m, run, topo = cfg.model, cfg.runtime, cfg.topology
     what = f"runtime.dispatcher: {run.dispatcher}"
@@ -105,7 +105,7 @@ def check_deepep(cfg: Config) -> None:
 def _check_low_latency_capacity(what: str, capacity: int, world: int) -> None:
     """DeepEP's low-latency asserts: (capacity + 1) x 2 fits NVSHMEM's QP depth, and world x capacity is a
     multiple of 4 (its TMA copies)."""
-    from ..config import ConfigError
+    from epruntime.config.schema import ConfigError
 
     depth = int(os.environ.get("NVSHMEM_QP_DEPTH", DEFAULT_QP_DEPTH))
     if (capacity + 1) * 2 > depth:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import (
+from epruntime.dispatch.base import (
     AsyncDispatcher,
     Hop,
     InFlight,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import (
+from epruntime.dispatch.base import (
     AsyncDispatcher,
     Hop,
     InFlight,
@@ -28,7 +28,7 @@ from .base import (
     detach_routing,
     pack_routing,
 )
-from .flat import destinations, localize
+from epruntime.dispatch.flat import destinations, localize
 
 
 @dataclass

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..runtime import Runtime
-from .base import Dispatcher, DispatchResult, count_tokens_per_expert
+from epruntime.dispatch.base import Dispatcher, DispatchResult, count_tokens_per_expert
+from epruntime.parallel.runtime import Runtime
 
 
 class LocalDispatcher(Dispatcher):

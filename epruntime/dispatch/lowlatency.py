@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .base import AsyncDispatcher, InFlight, MaskedDispatchResult, pack_routing, unpack_routing
+from epruntime.dispatch.base import AsyncDispatcher, InFlight, MaskedDispatchResult, pack_routing, unpack_routing
 
 
 class CapacityError(ValueError):

@@ -1,5 +1,5 @@
 """Whole models built around expert-parallel MoE layers."""
 
-from .deepseek import DeepseekEP
+from epruntime.models.deepseek import DeepseekEP
 
 __all__ = ["DeepseekEP"]

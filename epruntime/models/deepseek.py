@@ -24,10 +24,10 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
     DeepseekV3RotaryEmbedding,
 )
 
-from ..checkpoint import CheckpointReader, as_reader
-from ..moe import EPMoE
-from ..runtime import Runtime
-from ..weights import take
+from epruntime.io.checkpoint import CheckpointReader, as_reader
+from epruntime.io.weights import take
+from epruntime.layer.moe import EPMoE
+from epruntime.parallel.runtime import Runtime
 
 
 def load_module(

@@ -6,15 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from epruntime.config import config_from_dict
-from epruntime.cuda_graph import GraphedMoE
+from epruntime.config.schema import config_from_dict
 from epruntime.dispatch.base import count_tokens_per_expert
-from epruntime.experts import LocalExperts
-from epruntime.fp8 import deep_gemm_import_error, dequantize_block_fp8, quantize_block_fp8
-from epruntime.moe import EPMoE
-from epruntime.reference import reference_moe
-from epruntime.runtime import init_runtime, shutdown_runtime
-from epruntime.weights import random_state_dict
+from epruntime.io.fp8 import deep_gemm_import_error, dequantize_block_fp8, quantize_block_fp8
+from epruntime.io.weights import random_state_dict
+from epruntime.layer.cuda_graph import GraphedMoE
+from epruntime.layer.experts import LocalExperts
+from epruntime.layer.moe import EPMoE
+from epruntime.layer.reference import reference_moe
+from epruntime.parallel.runtime import init_runtime, shutdown_runtime
 from tests.factories import SMALL_MODEL, rel_err
 from tests.gpu import requires_cuda
 

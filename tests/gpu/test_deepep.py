@@ -7,9 +7,9 @@ import torch
 
 from epruntime.dispatch import make_dispatcher
 from epruntime.dispatch.deepep import deep_ep_import_error
-from epruntime.moe import EPMoE
-from epruntime.reference import reference_moe
-from epruntime.runtime import Runtime
+from epruntime.layer.moe import EPMoE
+from epruntime.layer.reference import reference_moe
+from epruntime.parallel.runtime import Runtime
 from tests.distributed import run_world
 from tests.factories import gpu_config, layer_weights, rel_err, tokens
 from tests.gpu import gpu_count_reason

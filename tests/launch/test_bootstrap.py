@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
-from epruntime import bootstrap
-from epruntime.bootstrap import (
+from epruntime.config.schema import ConfigError, load_config
+from epruntime.parallel import launcher
+from epruntime.parallel.launcher import (
     LaunchEnv,
     detect_launcher,
     first_host,
@@ -15,7 +16,6 @@ from epruntime.bootstrap import (
     reconcile_topology,
     tasks_per_node,
 )
-from epruntime.config import ConfigError, load_config
 from tests.launch.jobs import CPU_SIM
 
 # What torchrun sets on the second of two nodes of 2 ranks each (local_elastic_agent.py).
@@ -41,7 +41,7 @@ HYDRA = {"PMI_RANK": "1", "PMI_SIZE": "4", "MPI_LOCALRANKID": "1", "MPI_LOCALNRA
 @pytest.fixture
 def two_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
     """MPI over two hosts, ranks 0-1 on host a, 2-3 on host b; rank 0 chose a:1234."""
-    monkeypatch.setattr(bootstrap, "mpi_exchange", lambda environ: (["a", "a", "b", "b"], "a", 1234))
+    monkeypatch.setattr(launcher, "mpi_exchange", lambda environ: (["a", "a", "b", "b"], "a", 1234))
 
 
 def sim_2x2():
@@ -96,7 +96,7 @@ def test_mpirun_inside_slurm_allocation_is_mpirun() -> None:
 
 
 def test_mpirun_round_robin_placement_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bootstrap, "mpi_exchange", lambda environ: (["a", "b", "a", "b"], "a", 1234))
+    monkeypatch.setattr(launcher, "mpi_exchange", lambda environ: (["a", "b", "a", "b"], "a", 1234))
     for rank in "0123":  # every rank fails alike, none is left waiting at the rendezvous
         with pytest.raises(ConfigError, match=r"rank 1 runs on node 1 but the topology puts it on node 0; .*ppr:2:"):
             reconcile_topology(sim_2x2(), detect_launcher({**OMPI, "OMPI_COMM_WORLD_RANK": rank}))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from epruntime.bootstrap import free_port
+from epruntime.parallel.launcher import free_port
 from tests.launch.jobs import CPU_SIM, ROOT, SHORT, TWO_BY_TWO, launch_env, run, verified
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from epruntime.bootstrap import free_port
+from epruntime.parallel.launcher import free_port
 from tests.launch.jobs import ROOT, SHORT, TWO_BY_TWO, Result, finish, launch_env, start, verified
 
 pytestmark = pytest.mark.slow

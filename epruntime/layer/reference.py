@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .config import MoEConfig
-from .router import route
-from .weights import StateDict, gate_weights, take
+from epruntime.config.schema import MoEConfig
+from epruntime.io.weights import StateDict, gate_weights, take
+from epruntime.layer.router import route
 
 
 def _swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:

@@ -19,14 +19,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import health
-from .bootstrap import LaunchEnv as LaunchEnv  # re-exported: callers check worlds with it
-from .bootstrap import detect_launcher, reconcile_topology
-from .config import Config, ConfigError, config_to_dict
-from .config_checks import check_environment
-from .cpu_alloc import keep_buffers_in_heap
-from .cpu_sched import batch_scheduling_if_oversubscribed, cores_available
-from .topology import Topology
+from epruntime.config.checks import check_environment
+from epruntime.config.schema import Config, ConfigError, config_to_dict
+from epruntime.parallel import health
+from epruntime.parallel.cpu_alloc import keep_buffers_in_heap
+from epruntime.parallel.cpu_sched import batch_scheduling_if_oversubscribed, cores_available
+from epruntime.parallel.launcher import LaunchEnv as LaunchEnv  # re-exported: callers check worlds with it
+from epruntime.parallel.launcher import detect_launcher, reconcile_topology
+from epruntime.parallel.topology import Topology
 
 
 @dataclass

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from epruntime.config.errors import ConfigError
+
 if TYPE_CHECKING:
-    from .config import Config, MoEConfig
+    from epruntime.config.schema import Config, MoEConfig
 
 DEEPEP_DISPATCHERS = ("deepep", "deepep_low_latency")  # need GPUs and a DeepEP build
 CAPACITY_DISPATCHERS = ("lowlatency", "deepep_low_latency")  # fixed runtime.max_tokens_per_rank per call
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message is one line that names the field and the fix."""
 
 
 def _require(ok: bool, message: str) -> None:
@@ -190,10 +188,10 @@ def check_environment(cfg: Config) -> None:
                 "run on a GPU node or set topology.device=cpu topology.backend=gloo"
             )
     if uses_deepep(cfg):
-        from .dispatch.deepep import check_deepep  # imports deep_ep only here
+        from epruntime.dispatch.deepep import check_deepep  # imports deep_ep only here
 
         check_deepep(cfg)
     if cfg.runtime.grouped_gemm == "deep_gemm":
-        from .fp8 import check_deep_gemm
+        from epruntime.io.fp8 import check_deep_gemm
 
         check_deep_gemm(cfg)

@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
-from .config import Config, ConfigError, load_config
-from .dispatch import Traffic, traffic_report
-from .dispatch.flat import destinations
-from .fp8 import BLOCK
-from .router import route
-from .topology import Topology
-from .weights import gate_weights, random_state_dict
+from epruntime.config.schema import Config, ConfigError, load_config
+from epruntime.dispatch import Traffic, traffic_report
+from epruntime.dispatch.flat import destinations
+from epruntime.io.fp8 import BLOCK
+from epruntime.io.weights import gate_weights, random_state_dict
+from epruntime.layer.router import route
+from epruntime.parallel.topology import Topology
 
 _MB = 1e6
 
@@ -235,7 +235,7 @@ def format_plan(p: dict[str, Any]) -> str:
 
 
 def _checkpoint_section(reader: Any, cfg: Config) -> dict[str, Any]:
-    from .checkpoint import checkpoint_weight_bytes_per_rank
+    from epruntime.io.checkpoint import checkpoint_weight_bytes_per_rank
 
     per_rank = checkpoint_weight_bytes_per_rank(reader, topology_of(cfg), cfg.model.torch_dtype)
     return {"path": str(reader.path), "layers": reader.num_layers, "weight_bytes_per_rank": per_rank}
@@ -245,8 +245,8 @@ def plan_main(args: argparse.Namespace) -> int:
     """Entry point of ``epruntime plan``: print the plan (and write it as JSON); returns the exit status.
     With ``--checkpoint`` the model comes from its config.json and the whole model's weights are sized."""
     if args.checkpoint:
-        from .checkpoint import CheckpointError, CheckpointReader
-        from .generate import generate_config
+        from epruntime.cli.generate import generate_config
+        from epruntime.io.checkpoint import CheckpointError, CheckpointReader
 
         try:
             reader = CheckpointReader(args.checkpoint)

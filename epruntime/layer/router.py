@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .config import MoEConfig
+from epruntime.config.schema import MoEConfig
 
 
 def _keep_best_blocks(

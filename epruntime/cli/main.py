@@ -10,10 +10,10 @@ from typing import NoReturn
 
 import torch.distributed as dist
 
-from .bootstrap import launched_with_peers
-from .config import DISPATCHERS, SHARED_EXPERT_MODES, Config, ConfigError, load_config
-from .config_checks import check_environment
-from .health import SETTLE_S
+from epruntime.config.checks import check_environment
+from epruntime.config.schema import DISPATCHERS, SHARED_EXPERT_MODES, Config, ConfigError, load_config
+from epruntime.parallel.health import SETTLE_S
+from epruntime.parallel.launcher import launched_with_peers
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,13 +87,13 @@ def _split(text: str | None, default: str) -> list[str]:
 
 def _bench(cfg: Config, args: argparse.Namespace, argv: list[str]) -> int:
     """``bench`` inside a launcher, or started on this machine's ranks when there is none."""
-    from .runtime import detect_launcher
+    from epruntime.parallel.runtime import detect_launcher
 
     if detect_launcher().launcher == "none" and cfg.topology.world_size > 1:
-        from .launch import launch_local
+        from epruntime.cli.launch import launch_local
 
         return launch_local(cfg, argv)
-    from .bench import bench_main
+    from epruntime.cli.bench import bench_main
 
     run = cfg.runtime
     try:
@@ -119,11 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "generate":  # the model comes from the checkpoint; --config is optional
-            from .generate import generate_main
+            from epruntime.cli.generate import generate_main
 
             return generate_main(args)
         if args.command == "plan":  # needs no GPU and starts no process group
-            from .plan import plan_main
+            from epruntime.cli.plan import plan_main
 
             return plan_main(args)
         cfg = load_config(args.config, args.overrides)
@@ -131,10 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             return _bench(cfg, args, argv if argv is not None else sys.argv[1:])
         if args.command == "launch":
-            from .launch import launch_local
+            from epruntime.cli.launch import launch_local
 
             return launch_local(cfg, ["run", *_run_args(args)])
-        from .job import run_main
+        from epruntime.cli.run import run_main
 
         return run_main(cfg, args.verify, args.json_path, args.shared_modes)
     except ConfigError as exc:

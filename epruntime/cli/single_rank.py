@@ -14,11 +14,11 @@ import statistics
 import torch
 import torch.distributed as dist
 
-from .job import synthetic_tokens
-from .moe import EPMoE
-from .runtime import Runtime
-from .timing import wall_and_cpu_ms
-from .topology import Topology
+from epruntime.cli.instruments import wall_and_cpu_ms
+from epruntime.cli.run import synthetic_tokens
+from epruntime.layer.moe import EPMoE
+from epruntime.parallel.runtime import Runtime
+from epruntime.parallel.topology import Topology
 
 
 def one_rank_runtime(rt: Runtime, group: dist.ProcessGroup) -> Runtime:

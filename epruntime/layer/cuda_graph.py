@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .moe import EPMoE
+from epruntime.layer.moe import EPMoE
 
 GRAPH_SAFE_DISPATCHERS = ("lowlatency", "deepep_low_latency")
 

@@ -10,8 +10,8 @@ import uuid
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from .bootstrap import free_port
-from .config import Config
+from epruntime.config.schema import Config
+from epruntime.parallel.launcher import free_port
 
 
 def launch_local(cfg: Config, command: list[str]) -> int:

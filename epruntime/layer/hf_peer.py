@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from .config import MoEConfig
-from .weights import StateDict
+from epruntime.config.schema import MoEConfig
+from epruntime.io.weights import StateDict
 
 
 def hf_moe_config(m: MoEConfig, experts_implementation: str = "eager"):

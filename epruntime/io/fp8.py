@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .config import Config
+    from epruntime.config.schema import Config
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -113,7 +113,7 @@ def deep_gemm_import_error() -> str | None:
 
 def check_deep_gemm(cfg: Config) -> None:
     """``runtime.grouped_gemm: deep_gemm`` needs the package, a Hopper GPU and 128-aligned shapes."""
-    from .config import ConfigError
+    from epruntime.config.schema import ConfigError
 
     reason = deep_gemm_import_error()
     if reason is not None:

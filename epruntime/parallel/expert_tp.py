@@ -16,8 +16,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .runtime import Runtime, new_groups
-from .topology import Topology
+from epruntime.parallel.runtime import Runtime, new_groups
+from epruntime.parallel.topology import Topology
 
 
 @dataclass

@@ -28,7 +28,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .config import Config, ConfigError
+from epruntime.config.schema import Config, ConfigError
 
 
 @dataclass(frozen=True)

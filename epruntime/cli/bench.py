@@ -16,16 +16,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import health
-from .config import Config
-from .cpu_alloc import glibc_default_malloc
-from .dispatch import make_dispatcher
-from .job import measure_layer, synthetic_tokens
-from .moe import EPMoE
-from .runtime import Runtime, end_rank, init_runtime
-from .single_rank import SingleRankBaseline
-from .timing import time_ms
-from .weights import random_state_dict
+from epruntime.cli.instruments import time_ms
+from epruntime.cli.run import measure_layer, synthetic_tokens
+from epruntime.cli.single_rank import SingleRankBaseline
+from epruntime.config.schema import Config
+from epruntime.dispatch import make_dispatcher
+from epruntime.io.weights import random_state_dict
+from epruntime.layer.moe import EPMoE
+from epruntime.parallel import health
+from epruntime.parallel.cpu_alloc import glibc_default_malloc
+from epruntime.parallel.runtime import Runtime, end_rank, init_runtime
 
 PEERS = ("eager", "grouped_mm")  # transformers' experts implementations
 
@@ -96,7 +96,7 @@ def _hf_peers(cfg: Config, layer: EPMoE, x: torch.Tensor, reps: int) -> dict[str
     peers run under glibc's default malloc settings, as they would in their own process (epruntime's
     heap-kept buffers, :mod:`epruntime.cpu_alloc`, are part of what is measured)."""
     try:
-        from .hf_peer import hf_moe
+        from epruntime.layer.hf_peer import hf_moe
     except ImportError:  # pragma: no cover - transformers is in the dev extra
         return {"skipped": "transformers is not installed (pip install -e '.[models]')"}
     sd = random_state_dict(cfg.model, cfg.runtime.seed)
@@ -159,7 +159,7 @@ def bench_main(
     single_rank_baseline: bool,
 ) -> int:
     """Entry point of ``epruntime bench`` in each rank; rank 0 prints, writes JSON and the plot."""
-    from .bench_report import format_bench, plot_bench, progress_bar
+    from epruntime.cli.bench_report import format_bench, plot_bench, progress_bar
 
     rt = init_runtime(cfg)
     cases = [BenchCase(*c) for c in itertools.product(tokens, dispatchers, shared)]

@@ -9,10 +9,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .config import SHARED_EXPERT_MODES
-from .memtrack import peak_bytes
-from .moe import EPMoE
-from .timing import time_ms
+from epruntime.cli.instruments import time_ms
+from epruntime.cli.memtrack import peak_bytes
+from epruntime.config.schema import SHARED_EXPERT_MODES
+from epruntime.layer.moe import EPMoE
 
 
 def _time_ms(layer: EPMoE, x: torch.Tensor) -> float:

@@ -12,20 +12,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import health
-from .config import MoEConfig
-from .dispatch import make_dispatcher
-from .experts import LocalExperts
-from .parallel import expert_parallel, tp_slice, tp_slice_gate_up
-from .router import Router
-from .runtime import Runtime
-from .shared import SharedExpert
-from .side_stream import SideStream
-from .timing import StageTimer
-from .weights import StateDict, expert_weights, gate_weights, random_state_dict, shared_weights
+from epruntime.cli.instruments import StageTimer
+from epruntime.config.schema import MoEConfig
+from epruntime.dispatch import make_dispatcher
+from epruntime.io.weights import StateDict, expert_weights, gate_weights, random_state_dict, shared_weights
+from epruntime.layer.experts import LocalExperts
+from epruntime.layer.router import Router
+from epruntime.layer.shared import SharedExpert
+from epruntime.layer.side_stream import SideStream
+from epruntime.parallel import health
+from epruntime.parallel.expert_tp import expert_parallel, tp_slice, tp_slice_gate_up
+from epruntime.parallel.runtime import Runtime
 
 if TYPE_CHECKING:
-    from .checkpoint import CheckpointReader
+    from epruntime.io.checkpoint import CheckpointReader
 
 
 class EPMoE(nn.Module):
@@ -78,7 +78,7 @@ class EPMoE(nn.Module):
     def from_pretrained(cls, checkpoint: str | Path | CheckpointReader, layer_idx: int, rt: Runtime) -> EPMoE:
         """MoE layer ``layer_idx`` of a HF DeepSeek-V3 checkpoint directory (or open reader); reads only this
         rank's experts, its gate and shared expert (see :mod:`epruntime.checkpoint`)."""
-        from .checkpoint import as_reader  # safetensors is needed only to read checkpoints
+        from epruntime.io.checkpoint import as_reader  # safetensors is needed only to read checkpoints
 
         layer = cls.from_hf_state_dict(rt.cfg.model, as_reader(checkpoint).moe_layer(layer_idx, rt.cfg.model), rt)
         layer.layer_idx = layer_idx

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from . import health
+from epruntime.parallel import health
 
 STAGES = ("router", "dispatch", "experts", "combine", "shared", "total")
 

@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from .config_checks import ConfigError, validate, validate_model
+from epruntime.config.checks import validate, validate_model
+from epruntime.config.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
 SCORING_FUNCS = ("sigmoid", "softmax")

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MoEConfig
-from .dispatch.base import DispatchResult, MaskedDispatchResult
-from .fp8 import (
+from epruntime.config.schema import MoEConfig
+from epruntime.dispatch.base import DispatchResult, MaskedDispatchResult
+from epruntime.io.fp8 import (
     Fp8Block,
     deep_gemm_grouped_contiguous,
     deep_gemm_grouped_masked,

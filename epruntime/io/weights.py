@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from .config import MoEConfig
+from epruntime.config.schema import MoEConfig
 
 StateDict = Mapping[str, torch.Tensor]
 

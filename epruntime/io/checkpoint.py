@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .config import MoEConfig
-from .topology import Topology
+from epruntime.config.schema import MoEConfig
+from epruntime.parallel.topology import Topology
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"

@@ -11,15 +11,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import health
-from .config import Config, config_to_dict
-from .dispatch import traffic_report
-from .moe import EPMoE
-from .reference import reference_moe
-from .runtime import Runtime, end_rank, init_runtime
-from .shared_modes import compare_shared_modes, format_shared_modes
-from .timing import STAGES
-from .weights import random_state_dict
+from epruntime.cli.instruments import STAGES
+from epruntime.cli.shared_modes import compare_shared_modes, format_shared_modes
+from epruntime.config.schema import Config, config_to_dict
+from epruntime.dispatch import traffic_report
+from epruntime.io.weights import random_state_dict
+from epruntime.layer.moe import EPMoE
+from epruntime.layer.reference import reference_moe
+from epruntime.parallel import health
+from epruntime.parallel.runtime import Runtime, end_rank, init_runtime
 
 TOLERANCE = {"float32": 1e-5, "bfloat16": 3e-2, "float16": 5e-3}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .timing import STAGES
+from epruntime.cli.instruments import STAGES
 
 
 class _Progress:

@@ -20,10 +20,10 @@ import sys
 import torch
 import torch.distributed as dist
 
-from .bootstrap import detect_launcher
-from .checkpoint import CheckpointError, CheckpointReader
-from .config import Config, ConfigError, config_from_dict, load_config
-from .runtime import Runtime, end_rank, init_runtime
+from epruntime.config.schema import Config, ConfigError, config_from_dict, load_config
+from epruntime.io.checkpoint import CheckpointError, CheckpointReader
+from epruntime.parallel.launcher import detect_launcher
+from epruntime.parallel.runtime import Runtime, end_rank, init_runtime
 
 
 def parse_ids(text: str) -> list[int]:
@@ -150,7 +150,7 @@ def generate_main(args: argparse.Namespace) -> int:
     except CheckpointError as exc:
         print(f"epruntime: error: {exc}", file=sys.stderr)
         return 2
-    from .models import DeepseekEP  # imports transformers: only here
+    from epruntime.models import DeepseekEP  # imports transformers: only here
 
     rt = init_runtime(cfg)
     model = DeepseekEP.from_pretrained(reader, rt)

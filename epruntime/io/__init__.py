@@ -1,0 +1,1 @@
+"""Weights in and out: HuggingFace names, safetensors checkpoints, FP8 blocks."""

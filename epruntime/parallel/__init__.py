@@ -1,0 +1,1 @@
+"""Where a rank sits in the job: launcher detection, topology, process groups, health and host settings."""
