@@ -8,9 +8,13 @@ from typing import Any
 import torch
 
 from epruntime.config.schema import Config, config_from_dict
+from epruntime.dispatch.base import Dispatcher
+from epruntime.dispatch.registry import make_dispatcher
 from epruntime.io.weights import random_state_dict
 from epruntime.layer.hf_peer import hf_moe as hf_moe_module
 from epruntime.layer.hf_peer import hf_moe_config
+from epruntime.layer.moe import dispatch_spec
+from epruntime.parallel.runtime import Runtime
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -88,3 +92,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     if b.numel() == 0:
         return 0.0
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+
+
+def dispatcher_for(rt: Runtime, name: str) -> Dispatcher:
+    """Dispatcher ``name`` on ``rt``'s EP world, with the spec of ``rt.cfg``'s layer."""
+    return make_dispatcher(name, rt.layout.ep, dispatch_spec(rt.cfg.model, rt.cfg.runtime.max_tokens_per_rank))

@@ -16,6 +16,7 @@ import time
 import torch
 
 from epruntime import EPMoE, init_runtime
+from epruntime.layer.probe import StageMarks
 from epruntime.parallel.health import run_or_exit, stage
 from tests.factories import make_config, tokens
 
@@ -28,6 +29,7 @@ def main(mode: str, fault_rank: int, iters: int = 20) -> None:
     rt = init_runtime(cfg)
     layer = EPMoE.random(cfg.model, rt, seed=0)
     layer.layer_idx = 7
+    layer.probe = StageMarks()  # as epruntime run installs: failures name the layer and the stage
 
     def job() -> None:
         for i in range(iters):

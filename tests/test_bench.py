@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from epruntime.cli.bench import expert_flops, interleaved_medians
-from epruntime.cli.instruments import STAGES, StageTimer
+from epruntime.cli.bench import expert_flops
+from epruntime.cli.instruments import StageTimer
+from epruntime.cli.measure import interleaved_medians
+from epruntime.layer.probe import STAGES
 from tests.test_cli import _epruntime
 
 TINY = ["--set", "model.hidden_size=64", "--set", "model.moe_intermediate_size=32", "--set", "runtime.warmup=1"]
@@ -28,7 +30,7 @@ def test_interleaved_medians_times_each_contender_reps_times_in_turns() -> None:
 def test_stage_timer_tells_cpu_time_from_waiting() -> None:
     timer = StageTimer(torch.device("cpu"))
     for _ in range(3):
-        with timer.forward():
+        with timer.layer("moe layer"):
             with timer.stage("dispatch"):  # waiting, as a rank does in a collective
                 time.sleep(0.05)
             with timer.stage("experts"):  # computing
@@ -89,3 +91,19 @@ def test_many_rank_bench_sweeps_dispatchers_and_modes_against_one_rank(tmp_path:
         assert set(cpu) == set(STAGES) and cpu["total"] >= cpu["experts"] > 0 and case["single_rank_cpu_ms"] > 0
     assert proc.stdout.count("vs one rank, same total tokens") == 4
     assert proc.stdout.count("host CPU ms per layer, all ranks: router") == 4
+
+
+def test_bench_runs_the_masked_dispatchers(tmp_path: Path) -> None:
+    """lowlatency (and auto at decode sizes) hand the expert stage a masked layout; the bench drives it through
+    the layer's own entry, so it measures them too (it used to fail on the missing tokens_per_expert)."""
+    out = tmp_path / "ll.json"
+    proc = _epruntime(
+        "bench", "--config", "configs/cpu-sim.yaml", *TINY, "--set", "topology.ranks_per_node=1",
+        "--set", "runtime.max_tokens_per_rank=16", "--tokens", "16", "--dispatchers", "lowlatency,auto",
+        "--shared", "overlap", "--reps", "2", "--json", str(out), "--plot", "",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cases = json.loads(out.read_text())["cases"]
+    assert [c["case"]["dispatcher"] for c in cases] == ["lowlatency", "auto"]
+    for case in cases:
+        assert case["timing_ms"]["experts"] > 0 and case["expert_gflops"] > 0 and case["fraction_of_dense"] > 0

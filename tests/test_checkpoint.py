@@ -1,4 +1,5 @@
-"""Reading HF DeepSeek-V3 safetensors: a layer's own experts only, FP8 block dequantization, clear errors."""
+"""Reading HF DeepSeek-V3 safetensors: a layer's own experts only, routed experts' FP8 blocks kept as blocks, the rest
+dequantized, clear errors, and the bytes each rank holds."""
 
 from __future__ import annotations
 
@@ -11,17 +12,42 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from epruntime.io.checkpoint import CheckpointError, CheckpointReader, checkpoint_weight_bytes, dequantize_fp8
+from epruntime.dispatch.base import count_tokens_per_expert
+from epruntime.io.checkpoint import CheckpointError, CheckpointReader, checkpoint_weight_bytes
+from epruntime.io.fp8 import Fp8Block
 from epruntime.io.weights import expert_weights, gate_weights, shared_weights
+from epruntime.layer.experts import LocalExperts
+from epruntime.parallel.expert_tp import tp_slice, tp_slice_gate_up
 from epruntime.parallel.topology import Topology
-from tests.tiny_checkpoints import MOE_LAYERS, TINY, quantize_blocks, write_checkpoints
+from tests.factories import tokens
+from tests.tiny_checkpoints import MOE_LAYERS, TINY, quantize_blocks, write_checkpoints, write_fp8
 
 E, LAYER = TINY["n_routed_experts"], MOE_LAYERS[0]
+ALIGNED = {**TINY, "moe_intermediate_size": 128}  # whole 128-row blocks: gate and up concatenate as FP8 blocks
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return write_checkpoints(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def aligned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny model with ``moe_intermediate_size`` 128 as ``fp8`` (released layout) and ``exact`` (its values)."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    root = tmp_path_factory.mktemp("aligned")
+    torch.manual_seed(1)
+    DeepseekV3ForCausalLM(DeepseekV3Config(**ALIGNED)).save_pretrained(root / "src")
+    write_fp8(root / "src", root / "fp8", root / "exact")
+    return {"fp8": root / "fp8", "exact": root / "exact"}
+
+
+def _dequantize(block: Fp8Block) -> torch.Tensor:
+    """Written here, apart from the package: every element times the scale of its 128 x 128 tile."""
+    n, k = block.shape[-2:]
+    scale = block.scale_inv.repeat_interleave(128, dim=-2)[..., :n, :].repeat_interleave(128, dim=-1)[..., :k]
+    return block.weight.float() * scale
 
 
 def _load_layer(reader: CheckpointReader, experts: range) -> tuple[torch.Tensor, ...]:
@@ -53,21 +79,24 @@ def test_layer_reads_only_its_experts_and_their_shards(ckpts: dict[str, Path], n
     assert log.files == {weight_map[k] for k in log.keys}  # no other shard is even opened
     assert len(log.files) < len(set(weight_map.values()))
     assert log.bytes == sum(log.keys.values()) > 0
-    # The values: the experts as saved (fp8: dequantized exactly), stacked gate rows then up rows.
+    # The values: the experts as saved (fp8: dequantized exactly), stacked gate rows then up rows. FP8 w2 stays
+    # blocks; FP8 w13 cannot (gate rows 32 end inside a 128-row block) and comes dequantized.
     exact = load_file(ckpts["fp8_dequantized" if name == "fp8" else "single"] / "model.safetensors")
+    assert isinstance(w2, Fp8Block) == (name == "fp8") and not isinstance(w13, Fp8Block)
+    w2 = _dequantize(w2) if isinstance(w2, Fp8Block) else w2
     key = f"{prefix}experts.5."
     assert torch.equal(w13[1], torch.cat([exact[key + "gate_proj.weight"], exact[key + "up_proj.weight"]]))
     assert torch.equal(w2[1], exact[key + "down_proj.weight"])
+    assert torch.equal(s13, torch.cat([exact[f"{prefix}shared_experts.{p}_proj.weight"] for p in ("gate", "up")]))
     assert torch.equal(gate, exact[prefix + "gate.weight"])
     assert torch.equal(bias, exact[prefix + "gate.e_score_correction_bias"])
     assert w13.shape == (2, 2 * TINY["moe_intermediate_size"], TINY["hidden_size"]) and s13.dim() == s2.dim() == 2
 
 
-def test_dequantize_fp8_partial_blocks(tmp_path: Path) -> None:
+def test_reader_dequantizes_partial_blocks(tmp_path: Path) -> None:
     w = torch.randn(300, 200, generator=torch.Generator().manual_seed(0))
     q, scale, exact = quantize_blocks(w)  # 3 x 2 blocks of 128, the last ones partial
     assert scale.shape == (3, 2)
-    assert torch.equal(dequantize_fp8(q, scale, (128, 128), torch.float32), exact)
     assert (exact - w).abs().max() <= 0.07 * w.abs().max()  # e4m3 keeps ~2 significant digits
     (tmp_path / "config.json").write_text("{}")
     save_file(
@@ -82,6 +111,9 @@ def test_dequantize_fp8_partial_blocks(tmp_path: Path) -> None:
     reader = CheckpointReader(tmp_path)
     assert torch.equal(reader.tensor("w.weight", torch.float32), exact)
     assert reader.tensor("w.weight", torch.bfloat16).dtype == torch.bfloat16
+    stored = reader.stored("w.weight")  # as stored: the FP8 bytes and their scales
+    assert isinstance(stored, Fp8Block) and stored.block == (128, 128)
+    assert torch.equal(stored.weight.view(torch.uint8), q.view(torch.uint8)) and torch.equal(stored.scale_inv, scale)
     with pytest.raises(
         CheckpointError,
         match=r"'bad.weight_scale_inv' in .*model.safetensors has shape \(2, 2\), "
@@ -169,3 +201,71 @@ def test_checkpoint_weight_bytes_from_headers(ckpts: dict[str, Path]) -> None:
     gates = len(MOE_LAYERS) * (E * TINY["hidden_size"] + E) * 4  # the router stays in fp32
     assert half["routed_experts"] * 2 == plans[1]["routed_experts"]
     assert (half["replicated"] - gates) * 2 == plans[1]["replicated"] - gates
+    # deep_gemm: routed experts held as FP8 (1 byte) plus one fp32 scale per 128 x 128 block (one per 32 x 64 weight)
+    fp8_per_expert = 3 * (TINY["moe_intermediate_size"] * TINY["hidden_size"] + 4) * len(MOE_LAYERS)
+    deep = checkpoint_weight_bytes(ckpts["fp8"], 1, topo, grouped_gemm="deep_gemm")
+    assert deep["routed_experts"] == fp8_per_expert * E // 4 and deep["replicated"] == plans[1]["replicated"]
+    assert checkpoint_weight_bytes(ckpts["sharded"], 1, topo, grouped_gemm="deep_gemm") == deep  # quantized at load
+
+
+def _aligned_layer(path: Path, layer: int, experts: range) -> tuple:
+    reader = CheckpointReader(path)
+    cfg = reader.moe_config()
+    view = reader.moe_layer(layer, cfg)
+    return cfg, *expert_weights(view, cfg, experts), *shared_weights(view, cfg), gate_weights(view, cfg)[0]
+
+
+def test_routed_fp8_experts_come_as_their_blocks(aligned: dict[str, Path]) -> None:
+    """Gate and up blocks concatenated, experts stacked, bytes as stored; shared expert and gate come dense."""
+    cfg, w13, w2, s13, s2, gate = _aligned_layer(aligned["fp8"], LAYER, range(4, 7))
+    i, h = ALIGNED["moe_intermediate_size"], ALIGNED["hidden_size"]
+    assert isinstance(w13, Fp8Block) and isinstance(w2, Fp8Block)
+    assert w13.shape == (3, 2 * i, h) and w13.scale_inv.shape == (3, 2, 1)
+    assert w2.shape == (3, h, i) and w2.scale_inv.shape == (3, 1, 1)
+    stored = load_file(aligned["fp8"] / "model.safetensors")
+    exact = load_file(aligned["exact"] / "model.safetensors")
+    key = f"model.layers.{LAYER}.mlp.experts.5."
+    gate_up = torch.cat([stored[key + "gate_proj.weight"], stored[key + "up_proj.weight"]])
+    assert torch.equal(w13.weight[1].view(torch.uint8), gate_up.view(torch.uint8))
+    scales = torch.cat([stored[key + "gate_proj.weight_scale_inv"], stored[key + "up_proj.weight_scale_inv"]])
+    assert torch.equal(w13.scale_inv[1], scales)
+    assert torch.equal(_dequantize(w13)[1], torch.cat([exact[key + "gate_proj.weight"], exact[key + "up_proj.weight"]]))
+    assert torch.equal(_dequantize(w2)[1], exact[key + "down_proj.weight"])
+    shared = f"model.layers.{LAYER}.mlp.shared_experts."
+    assert all(type(t) is torch.Tensor and t.dtype == cfg.torch_dtype for t in (s13, s2, gate))
+    assert torch.equal(s13, torch.cat([exact[shared + "gate_proj.weight"], exact[shared + "up_proj.weight"]]))
+    assert torch.equal(s2, exact[shared + "down_proj.weight"])
+
+
+@pytest.mark.parametrize("tp_size", [1, 2])  # 2: slices of 64 rows, inside the 128-row blocks
+def test_fp8_experts_run_like_their_dequantized_weights(aligned: dict[str, Path], tp_size: int) -> None:
+    """EPMoE's load path (expert_weights, TP slices, .to(device, dtype), LocalExperts auto) from the FP8
+    checkpoint equals the same path from the exactly dequantized one."""
+    mine = range(8, 12)
+    cfg, w13, w2, *_ = _aligned_layer(aligned["fp8"], LAYER, mine)
+    _, d13, d2, *_ = _aligned_layer(aligned["exact"], LAYER, mine)
+    x = tokens(40, ALIGNED["hidden_size"], 3)
+    idx = torch.randint(0, len(mine), (40, 2), generator=torch.Generator().manual_seed(4))
+    weights, counts = torch.rand(40, 2), count_tokens_per_expert(idx, len(mine))
+    for rank in range(tp_size):
+
+        def load(w13: torch.Tensor | Fp8Block, w2: torch.Tensor | Fp8Block) -> LocalExperts:
+            w13, w2 = tp_slice_gate_up(w13, rank, tp_size), tp_slice(w2, -1, rank, tp_size)  # noqa: B023
+            return LocalExperts(cfg, w13.to("cpu", cfg.torch_dtype), w2.to("cpu", cfg.torch_dtype))
+
+        assert torch.equal(load(w13, w2)(x, idx, weights, counts), load(d13, d2)(x, idx, weights, counts))
+
+
+@pytest.mark.parametrize("grouped_gemm", ["auto", "deep_gemm"])
+def test_planned_bytes_are_the_experts_held(aligned: dict[str, Path], grouped_gemm: str) -> None:
+    """The header-only plan of a rank's routed experts equals what its LocalExperts hold: FP8 + scales under
+    deep_gemm (the checkpoint's blocks themselves), dense otherwise."""
+    topo = Topology(1, 4, E)
+    held = 0
+    for layer in MOE_LAYERS:
+        cfg, w13, w2, *_ = _aligned_layer(aligned["fp8"], layer, topo.expert_range(1))
+        experts = LocalExperts(cfg, w13, w2, grouped_gemm)
+        if grouped_gemm == "deep_gemm":
+            assert experts.w13.weight.data_ptr() == w13.weight.data_ptr()
+        held += sum(p.numel() * p.element_size() for p in experts.parameters())
+    assert held == checkpoint_weight_bytes(aligned["fp8"], 1, topo, grouped_gemm=grouped_gemm)["routed_experts"]

@@ -12,9 +12,11 @@ import types
 from typing import ClassVar
 
 import pytest
+import torch
 
 from epruntime.dispatch import deepep
-from epruntime.parallel import runtime
+from epruntime.parallel.layout import EPView
+from epruntime.parallel.topology import Topology
 
 
 class RecordingBuffer:
@@ -40,14 +42,19 @@ def fake_deep_ep(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
     module = types.ModuleType("deep_ep")
     module.Buffer = RecordingBuffer
     monkeypatch.setitem(sys.modules, "deep_ep", module)
-    monkeypatch.setattr(deepep, "_BUFFERS", {})
-    monkeypatch.setattr(runtime, "_AT_END_RANK", [])
     RecordingBuffer.log = []
     return RecordingBuffer.log
 
 
+def _ep(world: str) -> EPView:
+    """An EP view whose groups are names: the stand-in buffer only records them."""
+    return EPView(Topology(1, 2, 8), 0, world, f"{world}-intra", f"{world}-rail", torch.device("cpu"))
+
+
 def test_one_buffer_for_all_reservations_rebuilt_only_when_too_small(fake_deep_ep: list[tuple]) -> None:
-    buf = deepep.shared_buffer("group")
+    ep = _ep("group")
+    buf = deepep.shared_buffer(ep)
+    assert deepep.shared_buffer(ep) is buf  # one per EP world, shared by its layers
     buf.reserve(nvl=100, rdma=0)
     buf.reserve(nvl=50, rdma=10)  # the largest of each size is kept
     first = buf.use("normal")
@@ -63,7 +70,7 @@ def test_one_buffer_for_all_reservations_rebuilt_only_when_too_small(fake_deep_e
 
 
 def test_low_latency_area_cleaned_after_normal_mode(fake_deep_ep: list[tuple]) -> None:
-    buf = deepep.shared_buffer("group")
+    buf = deepep.shared_buffer(_ep("group"))
     buf.reserve(nvl=8, rdma=8, low_latency=(128, 7168, 256))
     buf.use("low_latency")
     buf.use("normal")
@@ -72,13 +79,17 @@ def test_low_latency_area_cleaned_after_normal_mode(fake_deep_ep: list[tuple]) -
     assert [e for e in fake_deep_ep if e[0] == "clean"] == [("clean", 128, 7168, 256)]
 
 
-def test_end_rank_destroys_every_buffer_once(fake_deep_ep: list[tuple]) -> None:
-    for group in ("world", "intra"):
-        buf = deepep.shared_buffer(group)
-        buf.reserve(nvl=1 if group == "world" else 2)
+def test_releasing_the_ep_world_destroys_every_buffer_once(fake_deep_ep: list[tuple]) -> None:
+    """What end_rank does after its barrier: each EP world's backends release what they keep there."""
+    worlds = [_ep("world"), _ep("other")]
+    for nvl, ep in enumerate(worlds, start=1):
+        buf = deepep.shared_buffer(ep)
+        buf.reserve(nvl=nvl)
         buf.use("normal")
-    deepep.shared_buffer("unused").reserve(nvl=3)  # never used: nothing to destroy
-    assert len(runtime._AT_END_RANK) == 1
-    runtime.end_rank()  # no process group here: only the registered releases run
+    unused = _ep("unused")
+    deepep.shared_buffer(unused).reserve(nvl=3)  # never used: nothing to destroy
+    for ep in [*worlds, unused]:
+        ep.release_resources()
+        ep.release_resources()  # a second release finds nothing left
     assert sorted(e for e in fake_deep_ep if e[0] == "destroy") == [("destroy", 1, 0), ("destroy", 2, 0)]
-    assert deepep._BUFFERS == {} and runtime._AT_END_RANK == []
+    assert all(ep.resources == {} for ep in worlds)

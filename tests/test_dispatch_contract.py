@@ -18,24 +18,28 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from epruntime.config.checks import CAPACITY_DISPATCHERS, DEEPEP_DISPATCHERS
-from epruntime.dispatch import BACKENDS, MOVES_ROWS, MaskedDispatchResult, make_dispatcher
-from epruntime.dispatch.deepep import deep_ep_import_error
+from epruntime.dispatch.base import MaskedDispatchResult
+from epruntime.dispatch.deepep_limits import deep_ep_import_error
 from epruntime.dispatch.lowlatency import CapacityError
+from epruntime.dispatch.registry import NAMES, names_where
 from epruntime.layer.moe import EPMoE
 from epruntime.layer.reference import reference_moe
 from epruntime.parallel.runtime import Runtime
 from tests.distributed import run_world
-from tests.factories import gpu_config, layer_weights, make_config, rel_err, tokens
+from tests.factories import dispatcher_for, gpu_config, layer_weights, make_config, rel_err, tokens
 
-TORCH_BACKENDS = [name for name in BACKENDS if name not in DEEPEP_DISPATCHERS]
+DEEPEP_DISPATCHERS = names_where(needs_deepep=True)
+CAPACITY_DISPATCHERS = names_where(capacity_bound=True)
+MOVES_ROWS = names_where(local_on_one_rank=True)  # nothing to move on a one-rank EP world
+TORCH_BACKENDS = [name for name in NAMES if name not in DEEPEP_DISPATCHERS]
 CAPACITY = 8  # runtime.max_tokens_per_rank of the contract worlds
 ID_BASE = 16  # x[t, 0] = ID_BASE * rank + t: exact in bf16 too for up to 15 ranks
 
 
 @dataclass
-class Case:
-    """Every rank's tokens and routing for one dispatch."""
+class DispatchCase:
+    """Every rank's tokens and their routes for one dispatch: no layer weights, the routing is given
+    (unlike ``tests.cases.LayerCase``, whose routes come from the layer's router)."""
 
     name: str
     xs: list[torch.Tensor]  # [T_r, H] per rank; x[t, 0] = ID_BASE * rank + t identifies the token
@@ -43,7 +47,7 @@ class Case:
     weights: list[torch.Tensor]  # [T_r, K] fp32
 
 
-def _case(name: str, counts: list[int], hidden: int, num_experts: int, k: int, seed: int, experts=None) -> Case:
+def _case(name: str, counts: list[int], hidden: int, num_experts: int, k: int, seed: int, experts=None) -> DispatchCase:
     gen = torch.Generator().manual_seed(seed)
     pool = torch.arange(num_experts) if experts is None else torch.tensor(experts)
     xs, idx, weights = [], [], []
@@ -54,10 +58,10 @@ def _case(name: str, counts: list[int], hidden: int, num_experts: int, k: int, s
         picks = [pool[torch.randperm(len(pool), generator=gen)[:k]] for _ in range(t)]  # distinct per token
         idx.append(torch.stack(picks) if picks else torch.zeros(0, k, dtype=torch.int64))
         weights.append(torch.rand(t, k, generator=gen) + 0.1)
-    return Case(name, xs, idx, weights)
+    return DispatchCase(name, xs, idx, weights)
 
 
-def contract_cases(world: int, hidden: int, num_experts: int, k: int) -> list[Case]:
+def contract_cases(world: int, hidden: int, num_experts: int, k: int) -> list[DispatchCase]:
     """Uneven counts with an empty rank, all ranks empty, and every token on the last rank's experts."""
     e_local = num_experts // world
     counts = [(5 * r + 3) % (CAPACITY + 1) for r in range(world)]
@@ -69,13 +73,13 @@ def contract_cases(world: int, hidden: int, num_experts: int, k: int) -> list[Ca
     ]
 
 
-def _dispatch_cases(rt: Runtime, names: list[str], cases: list[Case]) -> dict[str, object]:
+def _dispatch_cases(rt: Runtime, names: list[str], cases: list[DispatchCase]) -> dict[str, object]:
     """Per backend: per case the received layout and the identity round trip (CPU tensors), or the error."""
     dev, dtype = rt.device, rt.cfg.model.torch_dtype
     out: dict[str, object] = {}
     for name in names:
         try:
-            dispatcher, runs = make_dispatcher(rt, name), []
+            dispatcher, runs = dispatcher_for(rt, name), []
             for case in cases:
                 x = case.xs[rt.rank].to(dev, dtype)
                 result = dispatcher.dispatch(x, case.idx[rt.rank].to(dev), case.weights[rt.rank].to(dev))
@@ -105,7 +109,7 @@ def _dispatch_cases(rt: Runtime, names: list[str], cases: list[Case]) -> dict[st
     return out
 
 
-def _senders(case: Case, rank: int, e_local: int) -> list[tuple[int, int]]:
+def _senders(case: DispatchCase, rank: int, e_local: int) -> list[tuple[int, int]]:
     """(source rank, token) pairs that need ``rank``, in source order."""
     return [
         (s, t)
@@ -119,7 +123,7 @@ def _ids(rows: torch.Tensor) -> list[tuple[int, int]]:
     return [divmod(int(v), ID_BASE) for v in rows[:, 0].round().tolist()]
 
 
-def check_case(case: Case, rank: int, e_local: int, layout: tuple, back: torch.Tensor, tol: float) -> None:
+def check_case(case: DispatchCase, rank: int, e_local: int, layout: tuple, back: torch.Tensor, tol: float) -> None:
     """One rank's received layout and round trip against what the routing of every rank implies."""
     senders = _senders(case, rank, e_local)
     first = rank * e_local
@@ -156,7 +160,7 @@ def check_case(case: Case, rank: int, e_local: int, layout: tuple, back: torch.T
     assert rel_err(back, x * scale.unsqueeze(1)) <= tol
 
 
-def check_backend(name: str, outputs: list[dict], cases: list[Case], e_local: int, tol: float) -> None:
+def check_backend(name: str, outputs: list[dict], cases: list[DispatchCase], e_local: int, tol: float) -> None:
     """Every case on every rank, and the overflow message of a capacity backend."""
     for rank, out in enumerate(outputs):
         if isinstance(out[name], Exception):
@@ -177,7 +181,7 @@ def _cpu_config():
 
 
 @pytest.fixture(scope="module")
-def cpu_contract() -> tuple[list[dict], list[Case], int]:
+def cpu_contract() -> tuple[list[dict], list[DispatchCase], int]:
     """All torch backends in one 2 x 2 gloo world (one world start for the whole suite)."""
     cfg = _cpu_config()
     m = cfg.model
@@ -191,8 +195,8 @@ def test_contract_on_cpu(name: str, cpu_contract) -> None:
     check_backend(name, outputs, cases, e_local, tol=1e-6)
 
 
-def _local_dispatchers(rt: Runtime, cases: list[Case]) -> tuple[list[str], dict[str, object], dict[str, int]]:
-    dispatchers = [make_dispatcher(rt, name) for name in MOVES_ROWS]
+def _local_dispatchers(rt: Runtime, cases: list[DispatchCase]) -> tuple[list[str], dict[str, object], dict[str, int]]:
+    dispatchers = [dispatcher_for(rt, name) for name in MOVES_ROWS]
     outputs = _dispatch_cases(rt, list(MOVES_ROWS), cases)
     return [type(d).__name__ for d in dispatchers], outputs, dict(dispatchers[0].traffic.bytes)
 

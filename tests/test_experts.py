@@ -1,4 +1,4 @@
-"""The local expert stage against a per-pair computation, for grouped_mm and the loop fallback."""
+"""The local expert stage against a per-pair computation, for grouped_mm and the loop fallback; the shared expert."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from epruntime.dispatch.base import count_tokens_per_expert, pack_routing, unpack_routing
+from epruntime.layer import activation, shared
+from epruntime.layer import experts as experts_module
 from epruntime.layer.experts import LocalExperts
+from epruntime.layer.shared import SharedExpert
 from tests.factories import make_config, rel_err
 
 
@@ -61,3 +64,14 @@ def test_routing_pack_round_trip() -> None:
     weights = torch.tensor([[0.25, -1.5], [1e-30, 3.0]])
     back_idx, back_w = unpack_routing(pack_routing(idx, weights))
     assert torch.equal(back_idx, idx) and torch.equal(back_w, weights)
+
+
+def test_shared_expert_is_the_plain_swiglu_mlp() -> None:
+    """The shared expert runs the package's one SwiGLU (the routed experts' own) on its fused gate/up weight."""
+    gen = torch.Generator().manual_seed(3)
+    gate, up, down = torch.randn(12, 16, generator=gen), torch.randn(12, 16, generator=gen), torch.randn(16, 12)
+    x = torch.randn(7, 16, generator=gen)
+    y = SharedExpert(torch.cat([gate, up]), down)(x)
+    expected = (F.silu(x.double() @ gate.double().T) * (x.double() @ up.double().T)) @ down.double().T
+    assert rel_err(y, expected) <= 1e-6
+    assert experts_module.swiglu is shared.swiglu is activation.swiglu  # one implementation

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -79,44 +80,77 @@ def _record(fault: str, behaviour: str, seconds: float) -> None:
     print(f"\n{fault}: every rank exited {seconds:.2f} s after the fault")
 
 
-def test_killed_rank_is_named_by_the_others() -> None:
-    codes, outs, seconds = _run_job("kill", 2)
-    assert codes[2] == -signal.SIGKILL
-    for rank in (0, 1, 3):
-        assert codes[rank] == 1, outs[rank]
-        assert f"[rank {rank}] error: rank {rank}: layer 7 > " in outs[rank]
-        assert "no word from rank(s) [2]: presumed dead" in outs[rank]
-    assert seconds < TIMEOUT_S
-    _record("rank 2 killed (SIGKILL) mid-run", "others exit 1 naming rank 2 and their stage", seconds)
+@dataclass(frozen=True)
+class Fault:
+    """One injected fault, what every rank must do about it, and its row of the README's fault table.
+
+    Lines are templates: ``{rank}`` becomes the rank whose output is searched.
+    """
+
+    mode: str  # tests/fault_worker.py's MODE
+    rank: int  # the faulty rank
+    codes: tuple[int, ...]  # every rank's exit status
+    culprit_lines: tuple[str, ...]  # in the faulty rank's output
+    other_lines: tuple[str, ...]  # in every other rank's output
+    within_s: float  # every rank has exited this long after the fault
+    fault: str  # README row: the fault injected
+    behaviour: str  # README row: what the job does
 
 
-def test_rank_that_raises_is_named_with_its_error() -> None:
-    codes, outs, seconds = _run_job("raise", 1)
-    assert codes[1] == 1 and "TypeError in layer 7: EPMoE input: expected dtype torch.float32" in outs[1]
-    for rank in (0, 2, 3):
-        assert codes[rank] == 1, outs[rank]
-        assert "rank 1 failed: TypeError in layer 7" in outs[rank]
-    assert seconds < TIMEOUT_S
-    _record("rank 1 raises (wrong dtype) mid-run", "all exit 1; the others quote rank 1's error", seconds)
+NAN_LINE = "layer 7 input: NaN/Inf on rank 0 (1 values) (runtime.check_finite)"
+FAULTS = [
+    Fault(
+        mode="kill",
+        rank=2,
+        codes=(1, 1, -signal.SIGKILL, 1),
+        culprit_lines=(),
+        other_lines=("[rank {rank}] error: rank {rank}: layer 7 > ", "no word from rank(s) [2]: presumed dead"),
+        within_s=TIMEOUT_S,
+        fault="rank 2 killed (SIGKILL) mid-run",
+        behaviour="others exit 1 naming rank 2 and their stage",
+    ),
+    Fault(
+        mode="raise",
+        rank=1,
+        codes=(1, 1, 1, 1),
+        culprit_lines=("TypeError in layer 7: EPMoE input: expected dtype torch.float32",),
+        other_lines=("rank 1 failed: TypeError in layer 7",),
+        within_s=TIMEOUT_S,
+        fault="rank 1 raises (wrong dtype) mid-run",
+        behaviour="all exit 1; the others quote rank 1's error",
+    ),
+    Fault(
+        mode="hang",
+        rank=3,
+        codes=(1, 1, 1, 3),
+        culprit_lines=("stuck in layer 7 > dispatch (simulated hang)",),
+        other_lines=("no word from rank(s) [3]",),
+        within_s=HANG_EXIT_WITHIN_S,
+        fault="rank 3 hangs inside a stage",
+        behaviour="others time out (runtime.timeout_s); its watchdog exits 3",
+    ),
+    Fault(
+        mode="nan",
+        rank=0,
+        codes=(1, 1, 1, 1),
+        culprit_lines=(NAN_LINE,),
+        other_lines=(NAN_LINE,),  # every rank reports it alike
+        within_s=TIMEOUT_S,
+        fault="NaN in rank 0's input (check_finite on)",
+        behaviour="all exit 1 naming rank 0 and the layer",
+    ),
+]
 
 
-def test_hung_rank_times_out_everywhere_and_its_watchdog_names_the_stage() -> None:
-    codes, outs, seconds = _run_job("hang", 3)
-    assert codes[3] == 3 and "stuck in layer 7 > dispatch (simulated hang)" in outs[3]
-    for rank in (0, 1, 2):
-        assert codes[rank] == 1, outs[rank]
-        assert "no word from rank(s) [3]" in outs[rank]
-    assert seconds < HANG_EXIT_WITHIN_S
-    _record("rank 3 hangs inside a stage", "others time out (runtime.timeout_s); its watchdog exits 3", seconds)
-
-
-def test_nan_is_reported_on_every_rank_naming_rank_and_layer() -> None:
-    codes, outs, seconds = _run_job("nan", 0)
-    for rank in range(4):
-        assert codes[rank] == 1, outs[rank]
-        assert "layer 7 input: NaN/Inf on rank 0 (1 values) (runtime.check_finite)" in outs[rank]
-    assert seconds < TIMEOUT_S
-    _record("NaN in rank 0's input (check_finite on)", "all exit 1 naming rank 0 and the layer", seconds)
+@pytest.mark.parametrize("fault", FAULTS, ids=[f.mode for f in FAULTS])
+def test_fault_ends_every_rank_naming_the_culprit(fault: Fault) -> None:
+    codes, outs, seconds = _run_job(fault.mode, fault.rank)
+    assert codes == list(fault.codes), outs
+    for rank, out in enumerate(outs):
+        for line in fault.culprit_lines if rank == fault.rank else fault.other_lines:
+            assert line.format(rank=rank) in out, f"rank {rank}: {out}"
+    assert seconds < fault.within_s
+    _record(fault.fault, fault.behaviour, seconds)
 
 
 @pytest.mark.parametrize("victim", [2])

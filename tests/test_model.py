@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from epruntime.cli.generate import eos_ids, generate_config, generate_prompts, greedy_generate
+from epruntime.cli.checkpoint_config import generate_config
 from epruntime.io.checkpoint import CheckpointReader, checkpoint_weight_bytes
+from epruntime.models.generation import eos_ids, generate_prompts, greedy_generate
 from epruntime.parallel.runtime import Runtime
 from epruntime.parallel.topology import Topology
 from tests.distributed import run_world

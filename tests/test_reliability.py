@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from epruntime import EPMoE, init_runtime
 from epruntime.layer.reference import reference_moe
+from epruntime.parallel.health import RankFailure, is_collective_failure
 from epruntime.parallel.runtime import Runtime, shutdown_runtime
 from tests.distributed import _free_port, run_world
 from tests.factories import layer_weights, make_config, rel_err, tokens
@@ -107,3 +109,57 @@ def test_deterministic_runs_are_bit_identical_and_world_sizes_agree() -> None:
         cfg = make_config(nnodes, rpn, runtime={"deterministic": True, "dispatcher": dispatcher})
         other = torch.cat([outs[0] for outs in run_world(_outputs, cfg, sd, xs)])
         assert rel_err(other, full) <= 1e-6, (nnodes, rpn, dispatcher)
+
+
+def _tp_batches(rt: Runtime, counts: list[int]) -> str:
+    """One forward with ``counts[rank]`` tokens; the error each rank raised."""
+    layer = EPMoE.random(rt.cfg.model, rt, seed=0)
+    try:
+        layer(tokens(counts[rt.rank], rt.cfg.model.hidden_size, rt.rank))
+    except (ValueError, RankFailure) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+
+def test_unequal_tokens_in_an_expert_tp_group_are_refused_on_every_rank() -> None:
+    """The ranks of a TP group share their tokens: different counts used to abort inside gloo (SIGABRT)."""
+    cfg = make_config(1, 4, runtime={"moe_tp": 2})
+    messages = run_world(_tp_batches, cfg, [5, 5, 4, 6])  # group 0 agrees, group 1 does not
+    rule = "runtime.moe_tp: the 2 ranks of an expert-TP group share their tokens and must each get the same number"
+    for message in messages[2:]:  # the group that disagrees: every rank raises, before any other collective
+        assert message.startswith(f"ValueError: {rule}, got between 4 and 6"), message
+    for message in messages[:2]:  # its peers find it gone and quote its error
+        assert message.startswith("RankFailure:") and rule in message, message
+
+
+def test_only_backend_errors_count_as_a_peer_failure() -> None:
+    """A shape error is a plain RuntimeError too: it is this rank's bug, not a sign that a peer died."""
+    with pytest.raises(RuntimeError) as shape_error:
+        torch.ones(3) + torch.ones(4)
+    assert not is_collective_failure(shape_error.value)
+    assert not is_collective_failure(ValueError("gloo"))  # only RuntimeErrors and DistErrors come from backends
+    gloo = "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:4711"
+    assert is_collective_failure(RuntimeError(gloo))
+    assert is_collective_failure(RuntimeError("Timed out waiting 6000ms for recv operation to complete"))
+    assert is_collective_failure(dist.DistBackendError("NCCL error: remote process exited"))
+
+
+def _local_bug(rt: Runtime) -> str:
+    """Rank 1 hits a shape bug inside the layer; what each rank's failure handling says."""
+    layer = EPMoE.random(rt.cfg.model, rt, seed=0)
+    if rt.rank == 1:
+        layer.router.forward = lambda x: (torch.ones(3) + torch.ones(4), None)
+    try:
+        layer(tokens(4, rt.cfg.model.hidden_size, rt.rank))
+    except RankFailure as exc:
+        return f"RankFailure: {exc}"
+    except RuntimeError as exc:
+        return f"own: {exc}"
+    return "no error"
+
+
+def test_a_local_bug_is_reported_as_its_own_rank_not_blamed_on_peers() -> None:
+    cfg = make_config(1, 2, runtime={"timeout_s": 5})
+    zero, one = run_world(_local_bug, cfg)
+    assert one.startswith("own: The size of tensor a (3) must match")
+    assert zero.startswith("RankFailure: rank 0:") and "rank 1 failed: RuntimeError" in zero, zero

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from epruntime.config.schema import Config
 from epruntime.layer.router import route
 from tests.factories import hf_config, layer_weights, make_config, tokens
 
@@ -16,28 +17,34 @@ SHAPES = [
 ]
 
 
-def _sorted(idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sorted_by_id(idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's (expert id, weight) pairs in increasing id order."""
     order = idx.argsort(dim=1)
     return idx.gather(1, order), weights.gather(1, order)
+
+
+def hf_route(cfg: Config, sd: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' DeepseekV3TopkRouter on ``x [T, H]`` with ``sd``'s gate: ids and weights ``[T, K]`` by id."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    hf = DeepseekV3TopkRouter(hf_config(cfg))
+    hf.weight.data.copy_(sd["gate.weight"])
+    hf.e_score_correction_bias.copy_(sd["gate.e_score_correction_bias"])
+    _, weights, idx = hf(x)
+    return sorted_by_id(idx, weights)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_route_matches_transformers(shape: dict, seed: int) -> None:
-    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
-
     cfg = make_config(**shape)
     sd = layer_weights(cfg, seed, bias_scale=20.0)  # large biases, many of them negative
     assert (sd["gate.e_score_correction_bias"] < 0).any()
-    hf = DeepseekV3TopkRouter(hf_config(cfg))
-    hf.weight.data.copy_(sd["gate.weight"])
-    hf.e_score_correction_bias.copy_(sd["gate.e_score_correction_bias"])
     x = tokens(300, cfg.model.hidden_size, seed + 100)
-    _, hf_weights, hf_idx = hf(x)
     idx, weights = route(x, sd["gate.weight"], sd["gate.e_score_correction_bias"], cfg.model)
     assert idx.shape == weights.shape == (300, cfg.model.num_experts_per_tok)
-    idx, weights = _sorted(idx, weights)
-    hf_idx, hf_weights = _sorted(hf_idx, hf_weights)
+    idx, weights = sorted_by_id(idx, weights)
+    hf_idx, hf_weights = hf_route(cfg, sd, x)
     assert torch.equal(idx, hf_idx)
     torch.testing.assert_close(weights, hf_weights, rtol=1e-6, atol=1e-7)
 
@@ -48,7 +55,7 @@ def test_softmax_routing_matches_per_token_loop() -> None:
     sd = layer_weights(cfg, 5)
     gate, bias = sd["gate.weight"], torch.zeros(m.n_routed_experts)
     x = tokens(50, m.hidden_size, 6)
-    idx, weights = _sorted(*route(x, gate, bias, m))
+    idx, weights = sorted_by_id(*route(x, gate, bias, m))
     per_group = m.n_routed_experts // m.n_group
     for t in range(x.shape[0]):
         scores = torch.softmax(x[t] @ gate.T, dim=0).tolist()

@@ -10,13 +10,12 @@ import pytest
 import torch
 
 from epruntime.cli.plan import expected_traffic
-from epruntime.dispatch import make_dispatcher, traffic_report
-from epruntime.dispatch.base import LINKS, PHASES
+from epruntime.dispatch.base import LINKS, PHASES, traffic_report
 from epruntime.layer.moe import EPMoE
 from epruntime.parallel.runtime import Runtime
 from epruntime.parallel.topology import Topology
 from tests.distributed import run_world
-from tests.factories import SMALL_MODEL, layer_weights, make_config, tokens
+from tests.factories import SMALL_MODEL, dispatcher_for, layer_weights, make_config, tokens
 
 NNODES, RANKS_PER_NODE = 4, 2
 MODEL = dict(n_routed_experts=32, num_experts_per_tok=4, n_group=4, topk_group=2)
@@ -34,7 +33,7 @@ def _measure(rt: Runtime, sd: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
         x = tokens(counts[rt.rank], model.hidden_size, 10 + rt.rank).to(model.torch_dtype)
         out: dict[str, Any] = {"topk_idx": layer.router(x)[0]}
         for name in COMPARED:
-            layer.dispatcher = make_dispatcher(rt, name)
+            layer.dispatcher = dispatcher_for(rt, name)
             layer(x)
             out[name] = {k: v for k, v in layer.dispatcher.traffic.bytes.items() if v}
         outs.append(out)
@@ -123,7 +122,7 @@ def test_plan_model_equals_measured(measured: list[list[dict[str, Any]]], case: 
 
 def _expert_sends(rt: Runtime, routes: list[torch.Tensor]) -> list[int]:
     """The on-device per-(token, expert) counters of one dispatch and its combine, read back."""
-    dispatcher = make_dispatcher(rt, "flat")
+    dispatcher = dispatcher_for(rt, "flat")
     dispatcher.count_expert_sends("dispatch", routes[rt.rank], 100, 4)
     dispatcher.count_expert_sends("combine", routes[rt.rank], 100, 0)
     return dispatcher.traffic.as_tensor().tolist()

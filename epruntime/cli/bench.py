@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +15,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from epruntime.cli.instruments import time_ms
-from epruntime.cli.run import measure_layer, synthetic_tokens
+from epruntime.cli.measure import interleaved_medians, measure_layer, synthetic_tokens
 from epruntime.cli.single_rank import SingleRankBaseline
 from epruntime.config.schema import Config
-from epruntime.dispatch import make_dispatcher
+from epruntime.dispatch.registry import make_dispatcher
 from epruntime.io.weights import random_state_dict
 from epruntime.layer.moe import EPMoE
+from epruntime.layer.probe import StageMarks
 from epruntime.parallel import health
 from epruntime.parallel.cpu_alloc import glibc_default_malloc
 from epruntime.parallel.runtime import Runtime, end_rank, init_runtime
@@ -43,20 +42,6 @@ class BenchCase:
         return f"{self.dispatcher}/{self.shared_expert}/{self.tokens_per_rank}"
 
 
-def interleaved_medians(
-    fns: dict[str, Callable[[], Any]], reps: int, device: torch.device, block: int = 3
-) -> dict[str, float]:
-    """Median ms of each function over ``reps`` timed calls, taken in turns of ``block`` calls, each
-    turn after one untimed call: a slow spell of a shared machine hits every contender alike, and
-    each finds its caches and heap as it left them."""
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    while min(len(t) for t in samples.values()) < reps:
-        for name, fn in fns.items():
-            fn()
-            samples[name] += [time_ms(fn, device) for _ in range(min(block, reps - len(samples[name])))]
-    return {name: statistics.median(times) for name, times in samples.items()}
-
-
 def expert_flops(pairs: int, hidden: int, intermediate: int) -> int:
     """FLOPs of the SwiGLU expert stage for ``pairs`` (token, expert) pairs: gate+up and down GEMMs."""
     return 2 * pairs * hidden * 2 * intermediate + 2 * pairs * intermediate * hidden
@@ -72,16 +57,17 @@ def _dense_gemms(pairs: int, hidden: int, inter: int, dtype: torch.dtype, device
 
 
 def _expert_stage(rt: Runtime, layer: EPMoE, x: torch.Tensor, reps: int) -> dict[str, float]:
-    """Achieved FLOP/s of this rank's expert stage against dense GEMMs of the same shapes, timed
+    """Achieved FLOP/s of this rank's expert stage (through ``experts.run``, the entry the layer uses, so
+    every dispatch layout is benched) against dense GEMMs of the same (token, expert) pairs, timed
     interleaved. Ranks take turns (the others wait at a barrier), so that no rank's figure is another
     rank's load; the fraction is the minimum over ranks."""
-    result = layer.dispatcher.dispatch(x, *layer.router(x))
-    pairs, hidden, inter = int(result.tokens_per_expert.sum()), layer.cfg.hidden_size, layer.experts.intermediate
-    args = (result.recv_x, result.recv_topk_idx, result.recv_topk_weights, result.tokens_per_expert)
+    received = layer.dispatcher.dispatch(x, *layer.router(x))
+    pairs, hidden, inter = received.num_pairs(), layer.cfg.hidden_size, layer.experts.intermediate
     dense = _dense_gemms(max(pairs, 1), hidden, inter, layer.cfg.torch_dtype, rt.device)
     for turn in range(rt.world_size):
         if turn == rt.rank:
-            ms = interleaved_medians({"experts": lambda: layer.experts(*args), "dense": dense}, reps, rt.device)
+            stage = {"experts": lambda: layer.experts.run(received), "dense": dense}
+            ms = interleaved_medians(stage, reps, rt.device)
         dist.barrier()
     flops = expert_flops(pairs, hidden, inter)
     achieved, limit = flops / (ms["experts"] / 1e3), expert_flops(max(pairs, 1), hidden, inter) / (ms["dense"] / 1e3)
@@ -126,10 +112,11 @@ def bench_cases(
     (and more than one rank) each case's timed forwards alternate with rank 0 alone on the same work."""
     cfg = rt.cfg
     layer = EPMoE.random(cfg.model, rt, seed=cfg.runtime.seed)
+    layer.probe = StageMarks()
     records = []
     for case in cases:
         progress(case.label)
-        layer.dispatcher = make_dispatcher(layer.parallel.ep, case.dispatcher)
+        layer.dispatcher = make_dispatcher(case.dispatcher, rt.layout.ep, layer.dispatcher.spec)
         layer.shared_mode = case.shared_expert
         x = synthetic_tokens(cfg, rt.rank // cfg.runtime.moe_tp, case.tokens_per_rank).to(rt.device)
         baseline = None
@@ -181,5 +168,5 @@ def bench_main(
         Path(json_path).write_text(json.dumps(report, indent=2))
         if plot_path:
             print(plot_bench(report, plot_path), flush=True)
-    end_rank()
+    end_rank(rt)
     return 0

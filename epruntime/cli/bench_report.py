@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from epruntime.cli.instruments import STAGES
+from epruntime.layer.probe import STAGES
 
 
 class _Progress:

@@ -1,85 +1,68 @@
-"""Per-stage wall-clock timing of the MoE pipeline (router, dispatch, experts, combine, shared)."""
+"""The stage timer ``run`` and ``bench`` install on a layer: ``layer.probe = StageTimer(device)``.
+
+Wall time per stage comes from CUDA events recorded on the stream each stage runs on (the shared
+expert's on its side stream), read once by :meth:`StageTimer.collect` after the timed loop: nothing
+synchronizes inside a forward. On CPU it is ``perf_counter``. Host CPU time (``process_time``: every
+thread of the process, gloo's included) is taken on both: on a machine whose cores the ranks share it
+says where the cores went, which wall time does not.
+"""
 
 from __future__ import annotations
 
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-from epruntime.parallel import health
-
-STAGES = ("router", "dispatch", "experts", "combine", "shared", "total")
+from epruntime.layer.probe import STAGES, StageMarks
 
 
-def wall_and_cpu_ms(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
-    """Wall and host-CPU milliseconds (every thread of this process) of one ``fn()`` call, with the GPU's
-    queued work included on CUDA."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start, start_cpu = time.perf_counter(), time.process_time()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3, (time.process_time() - start_cpu) * 1e3
-
-
-def time_ms(fn: Callable[[], Any], device: torch.device) -> float:
-    """Wall milliseconds of one ``fn()`` call, with the GPU's queued work included on CUDA."""
-    return wall_and_cpu_ms(fn, device)[0]
-
-
-def _medians(samples: dict[str, list[float]]) -> dict[str, float]:
-    return {s: statistics.median(samples[s]) if samples[s] else 0.0 for s in STAGES}
-
-
-class StageTimer:
-    """Records one wall and one host-CPU duration per stage per forward (a stage entered twice in a
-    forward is summed); synchronizes CUDA around each stage when on GPU. The CPU time is the whole
-    process's (every thread: gloo's, the shared expert's), so on a machine whose cores the ranks share
-    it says where the cores went, which wall time does not."""
+class StageTimer(StageMarks):
+    """Records one wall and one host-CPU duration per stage per forward (a stage entered twice in a forward
+    is summed), and marks the stages as :class:`~epruntime.layer.probe.StageMarks` does."""
 
     def __init__(self, device: torch.device) -> None:
-        self.sync = device.type == "cuda"
-        self.samples: dict[str, list[float]] = defaultdict(list)
-        self.cpu_samples: dict[str, list[float]] = defaultdict(list)
-        self.pending: dict[str, float] = defaultdict(float)
-        self.pending_cpu: dict[str, float] = defaultdict(float)
+        self.cuda = device.type == "cuda"
         self.enabled = True
+        self._spans: list[tuple[str, Any, Any]] = []  # (stage, start, end) of the forward in progress
+        self._cpu: dict[str, float] = defaultdict(float)  # host-CPU ms per stage of the forward in progress
+        self._forwards: list[tuple[list[tuple[str, Any, Any]], dict[str, float]]] = []  # waiting for collect
+        self.samples: dict[str, list[float]] = defaultdict(list)  # wall ms per forward, once collected
+        self.cpu_samples: dict[str, list[float]] = defaultdict(list)
+
+    def _mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()  # on the current stream: the one the stage's work is queued on
+        return event
 
     @contextmanager
     def _timed(self, name: str) -> Iterator[None]:
         if not self.enabled:
             yield
             return
-        if self.sync:
-            torch.cuda.synchronize()
-        start, start_cpu = time.perf_counter(), time.process_time()
+        start, start_cpu = self._mark(), time.process_time()
         yield
-        if self.sync:
-            torch.cuda.synchronize()
-        self.pending[name] += (time.perf_counter() - start) * 1e3
-        self.pending_cpu[name] += (time.process_time() - start_cpu) * 1e3
+        self._spans.append((name, start, self._mark()))
+        self._cpu[name] += (time.process_time() - start_cpu) * 1e3
 
     @contextmanager
-    def forward(self) -> Iterator[None]:
-        """One forward pass, timed as stage ``total``; its stage sums become one sample each."""
-        with self._timed("total"):
+    def layer(self, label: str) -> Iterator[None]:
+        """One forward, timed as stage ``total``; its stages become one sample each."""
+        with super().layer(label), self._timed("total"):
             yield
-        for name, ms in self.pending.items():
-            self.samples[name].append(ms)
-            self.cpu_samples[name].append(self.pending_cpu[name])
-        self.pending.clear()
-        self.pending_cpu.clear()
+        if self.enabled:
+            self._forwards.append((self._spans, dict(self._cpu)))
+            self._spans, self._cpu = [], defaultdict(float)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """Time one stage, and mark it for the watchdog and failure messages."""
-        with self._timed(name), health.stage(name):
+        with super().stage(name), self._timed(name):
             yield
 
     @contextmanager
@@ -91,14 +74,31 @@ class StageTimer:
         finally:
             self.enabled = enabled
 
+    def collect(self) -> None:
+        """Turn the recorded forwards into samples: on CUDA one synchronize, then the events are read."""
+        if self.cuda and self._forwards:
+            torch.cuda.synchronize()
+        for spans, cpu in self._forwards:
+            wall: dict[str, float] = defaultdict(float)
+            for name, start, end in spans:
+                wall[name] += start.elapsed_time(end) if self.cuda else (end - start) * 1e3
+            for name, ms in wall.items():
+                self.samples[name].append(ms)
+                self.cpu_samples[name].append(cpu[name])
+        self._forwards.clear()
+
     def reset(self) -> None:
+        """Forget every sample (and what is waiting for :meth:`collect`)."""
+        self._forwards.clear()
         self.samples.clear()
         self.cpu_samples.clear()
 
     def medians_ms(self) -> dict[str, float]:
         """Median wall milliseconds of every stage (0.0 for a stage that never ran)."""
-        return _medians(self.samples)
+        self.collect()
+        return {s: statistics.median(self.samples[s]) if self.samples[s] else 0.0 for s in STAGES}
 
     def cpu_medians_ms(self) -> dict[str, float]:
         """Median host-CPU milliseconds of every stage, all of this process's threads (0.0 if it never ran)."""
-        return _medians(self.cpu_samples)
+        self.collect()
+        return {s: statistics.median(self.cpu_samples[s]) if self.cpu_samples[s] else 0.0 for s in STAGES}

@@ -11,13 +11,18 @@ from typing import NoReturn
 import torch.distributed as dist
 
 from epruntime.config.checks import check_environment
-from epruntime.config.schema import DISPATCHERS, SHARED_EXPERT_MODES, Config, ConfigError, load_config
+from epruntime.config.schema import SHARED_EXPERT_MODES, Config, ConfigError, load_config
+from epruntime.dispatch.registry import NAMES as DISPATCHERS
 from epruntime.parallel.health import SETTLE_S
 from epruntime.parallel.launcher import launched_with_peers
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="epruntime", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="epruntime",
+        description=__doc__,
+        epilog=f"dispatchers (runtime.dispatcher): {', '.join(DISPATCHERS)}; see docs/dispatch.md",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     config_args = argparse.ArgumentParser(add_help=False)
     config_args.add_argument("--config", required=True, help="YAML config, e.g. configs/cpu-sim.yaml")
@@ -46,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
         "bench", parents=[config_args], help="sweep tokens, dispatchers and shared-expert modes against peers"
     )
     bench.add_argument("--tokens", help="tokens per rank to sweep, e.g. 128,512 (default: runtime.tokens_per_rank)")
-    bench.add_argument("--dispatchers", help="e.g. flat,hierarchical (default: runtime.dispatcher)")
+    bench.add_argument(
+        "--dispatchers", help=f"comma-separated, of {', '.join(DISPATCHERS)} (default: runtime.dispatcher)"
+    )
     bench.add_argument("--shared", help="shared-expert modes, e.g. overlap,serial (default: runtime.shared_expert)")
     bench.add_argument("--reps", type=int, default=5, help="timed repetitions per case; medians are reported")
     bench.add_argument(

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from epruntime.config.schema import Config, ConfigError, load_config
-from epruntime.dispatch import Traffic, traffic_report
+from epruntime.dispatch import registry
+from epruntime.dispatch.base import Traffic, traffic_report
 from epruntime.dispatch.flat import destinations
 from epruntime.io.fp8 import BLOCK
 from epruntime.io.weights import gate_weights, random_state_dict
@@ -43,6 +44,15 @@ def sample_routes(cfg: Config, num_tokens: int) -> torch.Tensor:  # [S, K] int64
     return topk_idx
 
 
+def _pair_rows(topk_idx: torch.Tensor, src_rank: torch.Tensor, topo: Topology) -> dict[str, int]:
+    """One message per (token, expert) pair to the expert's rank (DeepEP's low-latency layout)."""
+    dest = torch.div(topk_idx, topo.experts_per_rank, rounding_mode="floor")  # [S, K]
+    src = src_rank.unsqueeze(1)  # [S, 1]
+    remote = dest != src
+    same_node = dest // topo.ranks_per_node == src // topo.ranks_per_node
+    return {"intra_node": int((remote & same_node).sum()), "inter_node": int((remote & ~same_node).sum())}
+
+
 def expected_traffic(
     topk_idx: torch.Tensor,  # [S, K] global expert ids
     src_rank: torch.Tensor,  # [S] the rank each token starts on
@@ -50,12 +60,19 @@ def expected_traffic(
     row_bytes: int,
     meta_bytes: int,
     scale: float = 1.0,
+    capacity: int | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Bytes sent per backend, phase and link for these routes, times ``scale`` (``traffic_bytes`` shape).
+    """Bytes sent per dispatcher, phase and link for these routes, times ``scale`` (``traffic_bytes`` shape),
+    for every dispatcher of the registry that declares a traffic model:
 
-    flat: one row per (token, remote rank hosting one of its experts). hierarchical: one row per
-    (token, remote node) over the rail, plus one per (token, hosting rank) whose local index
-    differs from the source's (the forwarder in every node has the source's local index).
+    - ``per_rank`` (flat, deepep): one row per (token, remote rank hosting one of its experts);
+    - ``per_node_then_rank`` (hierarchical): one row per (token, remote node) over the rail, plus one per
+      (token, hosting rank) whose local index differs from the source's (the forwarder in every node has
+      the source's local index);
+    - ``per_pair`` (deepep_low_latency): one message per (token, expert) pair to the expert's rank;
+    - ``fixed_blocks`` (lowlatency, needs ``capacity``): every rank sends every other rank ``capacity`` slots
+      per call, whatever its batch (not scaled).
+
     Combine sends the same rows back without metadata.
     """
     rank = torch.arange(topo.world_size)  # [W]
@@ -65,23 +82,32 @@ def expected_traffic(
     needs_node = destinations(topk_idx, topo.experts_per_node, topo.nnodes)  # [S, N]
     other_node = rank_node != src_node.unsqueeze(1)  # [S, W]
     rows = {
-        "flat": {
+        "per_rank": {
             "intra_node": int((needs_rank & ~other_node & (rank != src_rank.unsqueeze(1))).sum()),
             "inter_node": int((needs_rank & other_node).sum()),
         },
-        "hierarchical": {
+        "per_node_then_rank": {
             "intra_node": int((needs_rank & (rank_local != src_local.unsqueeze(1))).sum()),
             "inter_node": int((needs_node & (torch.arange(topo.nnodes) != src_node.unsqueeze(1))).sum()),
         },
+        "per_pair": _pair_rows(topk_idx, src_rank, topo),
     }
+    scales = dict.fromkeys(rows, scale)
+    if capacity is not None:
+        w, rpn = topo.world_size, topo.ranks_per_node
+        rows["fixed_blocks"] = {"intra_node": w * (rpn - 1) * capacity, "inter_node": w * (w - rpn) * capacity}
+        scales["fixed_blocks"] = 1.0
     reports = {}
-    for backend, by_link in rows.items():
+    for backend in registry.BACKENDS:
+        model = backend.traffic_model
+        if model not in rows:
+            continue
         traffic = Traffic()
-        for link, n in by_link.items():
-            traffic.add("dispatch", link, round(n * scale * row_bytes))
-            traffic.add("dispatch", "metadata", round(n * scale * meta_bytes))
-            traffic.add("combine", link, round(n * scale * row_bytes))
-        reports[backend] = traffic_report(traffic.as_tensor())
+        for link, n in rows[model].items():
+            traffic.add("dispatch", link, round(n * scales[model] * row_bytes))
+            traffic.add("dispatch", "metadata", round(n * scales[model] * meta_bytes))
+            traffic.add("combine", link, round(n * scales[model] * row_bytes))
+        reports[backend.name] = traffic_report(traffic.as_tensor())
     return reports
 
 
@@ -157,7 +183,10 @@ def make_plan(cfg: Config, samples: int) -> dict[str, Any]:
     row_bytes = m.hidden_size * m.torch_dtype.itemsize
     meta_bytes = 2 * m.num_experts_per_tok * 4  # int32 local ids + fp32 weights per row
     scale = batch / samples
-    traffic = expected_traffic(topk_idx, src_rank, topo, row_bytes, meta_bytes, scale)
+    capacity = cfg.runtime.max_tokens_per_rank
+    traffic = expected_traffic(topk_idx, src_rank, topo, row_bytes, meta_bytes, scale, capacity)
+    if cfg.runtime.tokens_per_rank > capacity:  # the fixed-capacity backends cannot carry this batch
+        traffic = {b: v for b, v in traffic.items() if not registry.backend(b).capacity_bound}
     rows = buffer_rows(topk_idx, src_rank, topo)
     buffers = {b: round(float(r.max()) * scale) * (row_bytes + meta_bytes) for b, r in rows.items()}
     needs_node = destinations(topk_idx, topo.experts_per_node, topo.nnodes)  # [S, N]
@@ -211,12 +240,12 @@ def format_plan(p: dict[str, Any]) -> str:
         f"expected bytes per layer, all ranks ({p['samples']} sampled routes; "
         f"{p['mean_nodes_per_token']:.2f} nodes per token on average)"
     )
-    lines.append(f"  {'backend':<13}{'phase':<10}{'intra-node':>14}{'inter-node':>14}{'metadata':>12}")
+    lines.append(f"  {'backend':<20}{'phase':<10}{'intra-node':>14}{'inter-node':>14}{'metadata':>12}")
     for backend, t in p["traffic_bytes"].items():
         for phase in ("dispatch", "combine"):
             v = t[phase]
             lines.append(
-                f"  {backend:<13}{phase:<10}{v['intra_node'] / _MB:>11,.2f} MB{v['inter_node'] / _MB:>11,.2f} MB"
+                f"  {backend:<20}{phase:<10}{v['intra_node'] / _MB:>11,.2f} MB{v['inter_node'] / _MB:>11,.2f} MB"
                 f"{v['metadata'] / _MB:>9,.2f} MB"
             )
     per_token = p["inter_node_bytes_per_token"]
@@ -237,7 +266,9 @@ def format_plan(p: dict[str, Any]) -> str:
 def _checkpoint_section(reader: Any, cfg: Config) -> dict[str, Any]:
     from epruntime.io.checkpoint import checkpoint_weight_bytes_per_rank
 
-    per_rank = checkpoint_weight_bytes_per_rank(reader, topology_of(cfg), cfg.model.torch_dtype)
+    per_rank = checkpoint_weight_bytes_per_rank(
+        reader, topology_of(cfg), cfg.model.torch_dtype, grouped_gemm=cfg.runtime.grouped_gemm
+    )
     return {"path": str(reader.path), "layers": reader.num_layers, "weight_bytes_per_rank": per_rank}
 
 
@@ -245,7 +276,7 @@ def plan_main(args: argparse.Namespace) -> int:
     """Entry point of ``epruntime plan``: print the plan (and write it as JSON); returns the exit status.
     With ``--checkpoint`` the model comes from its config.json and the whole model's weights are sized."""
     if args.checkpoint:
-        from epruntime.cli.generate import generate_config
+        from epruntime.cli.checkpoint_config import generate_config
         from epruntime.io.checkpoint import CheckpointError, CheckpointReader
 
         try:

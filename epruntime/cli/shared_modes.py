@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from epruntime.cli.instruments import time_ms
+from epruntime.cli.measure import time_ms
 from epruntime.cli.memtrack import peak_bytes
 from epruntime.config.schema import SHARED_EXPERT_MODES
 from epruntime.layer.moe import EPMoE

@@ -7,36 +7,15 @@ before or after the sweep would move the ratio by more than the effect being mea
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import statistics
 
 import torch
 import torch.distributed as dist
 
-from epruntime.cli.instruments import wall_and_cpu_ms
-from epruntime.cli.run import synthetic_tokens
+from epruntime.cli.measure import synthetic_tokens, wall_and_cpu_ms
 from epruntime.layer.moe import EPMoE
-from epruntime.parallel.runtime import Runtime
-from epruntime.parallel.topology import Topology
-
-
-def one_rank_runtime(rt: Runtime, group: dist.ProcessGroup) -> Runtime:
-    """``rt`` as a one-rank world of its own (``group`` holds only this rank): every expert is local."""
-    cfg = rt.cfg.replace(
-        topology=dataclasses.replace(rt.cfg.topology, nnodes=1, ranks_per_node=1),
-        runtime=dataclasses.replace(rt.cfg.runtime, moe_tp=1, shared_expert_tp=1),
-    )
-    return dataclasses.replace(
-        rt,
-        cfg=cfg,
-        topo=Topology(1, 1, rt.topo.num_experts),
-        rank=0,
-        world_group=group,
-        intra_group=group,
-        rail_group=group,
-        expert_parallel=None,
-    )
+from epruntime.parallel.runtime import Runtime, sub_runtime
 
 
 class SingleRankBaseline:
@@ -52,7 +31,7 @@ class SingleRankBaseline:
         group = dist.new_group([0])  # a collective call: every rank makes it
         self.layer: EPMoE | None = None
         if rt.rank == 0:
-            one = one_rank_runtime(rt, group)
+            one = sub_runtime(rt, group)
             self.layer = EPMoE.random(one.cfg.model, one, seed=layer_seed)
             self.x = torch.cat([synthetic_tokens(rt.cfg, r, tokens_per_rank) for r in range(rt.world_size)])
             self.x = self.x.to(rt.device)  # [W * T, H]

@@ -10,13 +10,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from epruntime.config.errors import ConfigError
+from epruntime.dispatch import registry
 
 if TYPE_CHECKING:
     from epruntime.config.schema import Config, MoEConfig
-
-DEEPEP_DISPATCHERS = ("deepep", "deepep_low_latency")  # need GPUs and a DeepEP build
-CAPACITY_DISPATCHERS = ("lowlatency", "deepep_low_latency")  # fixed runtime.max_tokens_per_rank per call
-
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
@@ -151,30 +148,21 @@ def _validate_tensor_parallel(cfg: Config) -> None:
 
 
 def _validate_gpu_path(cfg: Config) -> None:
-    """Capacity of the low-latency dispatchers, and what DeepEP and DeepGEMM need from the config."""
+    """Capacity of the low-latency dispatchers, and what the dispatcher and DeepGEMM need from the config."""
     m, topo, run = cfg.model, cfg.topology, cfg.runtime
     cap = run.max_tokens_per_rank
     _require(cap > 0, f"runtime.max_tokens_per_rank: must be positive, got {cap}")
-    _require(
-        run.dispatcher not in CAPACITY_DISPATCHERS or run.tokens_per_rank <= cap,
-        f"runtime.tokens_per_rank: {run.tokens_per_rank} is more than runtime.max_tokens_per_rank={cap}, the fixed "
-        f"capacity of the {run.dispatcher} dispatcher; raise max_tokens_per_rank or lower tokens_per_rank",
-    )
-    gpu_only = [f"runtime.dispatcher: {run.dispatcher}"] if run.dispatcher in DEEPEP_DISPATCHERS else []
-    gpu_only += ["runtime.grouped_gemm: deep_gemm"] if run.grouped_gemm == "deep_gemm" else []
-    for what in gpu_only:
+    registry.check_dispatcher(run.dispatcher, cfg)
+    if run.grouped_gemm == "deep_gemm":
         _require(
             topo.device == "cuda",
-            f"{what} runs on GPUs only; set topology.device=cuda, or on CPU use runtime.dispatcher flat/lowlatency "
-            f"and runtime.grouped_gemm auto",
+            "runtime.grouped_gemm: deep_gemm runs on GPUs only; set topology.device=cuda, or on CPU use "
+            "runtime.grouped_gemm auto",
         )
-        _require(m.dtype == "bfloat16", f"{what} needs model.dtype=bfloat16, got {m.dtype}; set model.dtype=bfloat16")
-
-
-def uses_deepep(cfg: Config) -> bool:
-    """Whether the configured dispatcher needs DeepEP (``auto`` does on GPUs)."""
-    run = cfg.runtime
-    return run.dispatcher in DEEPEP_DISPATCHERS or (run.dispatcher == "auto" and cfg.topology.device == "cuda")
+        _require(
+            m.dtype == "bfloat16",
+            f"runtime.grouped_gemm: deep_gemm needs model.dtype=bfloat16, got {m.dtype}; set model.dtype=bfloat16",
+        )
 
 
 def check_environment(cfg: Config) -> None:
@@ -187,10 +175,7 @@ def check_environment(cfg: Config) -> None:
                 "topology.device: cuda was requested but no CUDA GPU is visible; "
                 "run on a GPU node or set topology.device=cpu topology.backend=gloo"
             )
-    if uses_deepep(cfg):
-        from epruntime.dispatch.deepep import check_deepep  # imports deep_ep only here
-
-        check_deepep(cfg)
+    registry.check_dispatcher_machine(cfg.runtime.dispatcher, cfg)
     if cfg.runtime.grouped_gemm == "deep_gemm":
         from epruntime.io.fp8 import check_deep_gemm
 

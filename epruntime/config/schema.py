@@ -19,12 +19,12 @@ import yaml
 
 from epruntime.config.checks import validate, validate_model
 from epruntime.config.errors import ConfigError
+from epruntime.dispatch.registry import NAMES as DISPATCHERS
 
 DTYPES = ("float32", "bfloat16", "float16")
 SCORING_FUNCS = ("sigmoid", "softmax")
 DEVICES = ("cpu", "cuda")
 BACKENDS = ("gloo", "nccl")
-DISPATCHERS = ("flat", "hierarchical", "lowlatency", "deepep", "deepep_low_latency", "auto")
 GROUPED_GEMM = ("auto", "grouped_mm", "loop", "deep_gemm")
 SHARED_EXPERT_MODES = ("overlap", "defer", "serial")
 

@@ -16,11 +16,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from epruntime.dispatch.base import AsyncDispatcher, Dispatcher, DispatchResult, InFlight, MaskedDispatchResult
+from epruntime.dispatch.base import (
+    AsyncDispatcher,
+    Dispatcher,
+    DispatchResult,
+    DispatchSpec,
+    InFlight,
+    MaskedDispatchResult,
+)
 from epruntime.dispatch.deepep import DeepEPDispatcher, DeepEPLowLatencyDispatcher
 from epruntime.dispatch.flat import FlatDispatcher
 from epruntime.dispatch.lowlatency import LowLatencyDispatcher
-from epruntime.parallel.runtime import Runtime
+from epruntime.parallel.layout import EPView
 
 
 @dataclass
@@ -36,18 +43,18 @@ class AutoDispatcher(AsyncDispatcher):
 
     name = "auto"
 
-    def __init__(self, rt: Runtime) -> None:
-        super().__init__(rt)
-        gpu = rt.device.type == "cuda"
-        self.normal = (DeepEPDispatcher if gpu else FlatDispatcher)(rt)
-        self.low_latency = (DeepEPLowLatencyDispatcher if gpu else LowLatencyDispatcher)(rt)
+    def __init__(self, ep: EPView, spec: DispatchSpec) -> None:
+        super().__init__(ep, spec)
+        gpu = ep.device.type == "cuda"
+        self.normal = (DeepEPDispatcher if gpu else FlatDispatcher)(ep, spec)
+        self.low_latency = (DeepEPLowLatencyDispatcher if gpu else LowLatencyDispatcher)(ep, spec)
         self.normal.traffic = self.low_latency.traffic = self.traffic
-        self.threshold = rt.cfg.runtime.max_tokens_per_rank
+        self.threshold = spec.capacity
 
     def pick(self, num_tokens: int) -> Dispatcher:
         """The backend for a call where this rank has ``num_tokens`` tokens (collective over the world)."""
-        largest = torch.tensor([num_tokens], dtype=torch.int64, device=self.rt.device)
-        dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=self.rt.world_group)
+        largest = torch.tensor([num_tokens], dtype=torch.int64, device=self.ep.device)
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=self.ep.world)
         return self.low_latency if int(largest.item()) <= self.threshold else self.normal
 
     def dispatch_a(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> InFlight:

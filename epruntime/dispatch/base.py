@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from epruntime.parallel.runtime import Runtime
+from epruntime.parallel.layout import EPView
 
 PHASES = ("dispatch", "combine")
 LINKS = ("intra_node", "inter_node", "metadata")
@@ -34,6 +34,10 @@ class DispatchResult:
     tokens_per_expert: torch.Tensor  # [E_local] int64 (row, k) pairs per local expert
     handle: Any  # backend-specific: what combine needs to send results back
 
+    def num_pairs(self) -> int:
+        """(token, local expert) pairs received (reads the count on the host)."""
+        return int(self.tokens_per_expert.sum())
+
 
 @dataclass
 class MaskedDispatchResult:
@@ -48,6 +52,10 @@ class MaskedDispatchResult:
     recv_x: torch.Tensor  # [E_local, C, H] activation dtype
     masked_m: torch.Tensor  # [E_local] int32 valid rows per local expert (DeepEP's recv_count)
     handle: Any  # backend-specific: what combine needs to weight and send results back
+
+    def num_pairs(self) -> int:
+        """(token, local expert) pairs received: the valid rows (reads the count on the host)."""
+        return int(self.masked_m.sum())
 
 
 @dataclass
@@ -214,29 +222,40 @@ def detach_routing(packed: torch.Tensor, hidden: int) -> tuple[torch.Tensor, tor
 
 
 def count_tokens_per_expert(recv_topk_idx: torch.Tensor, num_local_experts: int) -> torch.Tensor:
-    """[E_local] number of (row, k) pairs routed to each local expert."""
-    ids = recv_topk_idx[recv_topk_idx >= 0]
-    return torch.bincount(ids, minlength=num_local_experts)
+    """[E_local] number of (row, k) pairs routed to each local expert (-1 ids count nowhere); no host sync."""
+    ids = recv_topk_idx.reshape(-1)  # [R * K]
+    counts = torch.zeros(num_local_experts, dtype=torch.int64, device=ids.device)
+    return counts.scatter_add_(0, ids.clamp(min=0), (ids >= 0).long())
+
+
+@dataclass(frozen=True)
+class DispatchSpec:
+    """What a dispatcher knows of the layer it serves (never the whole config)."""
+
+    hidden_size: int  # H, the width of a row
+    dtype: torch.dtype  # the activation dtype of the rows
+    num_experts: int  # routed experts over the whole EP world
+    capacity: int  # tokens per rank of the fixed-capacity (low-latency) layouts: runtime.max_tokens_per_rank
 
 
 class Dispatcher(ABC):
-    """Moves tokens to the ranks that own their experts and the results back."""
+    """Moves tokens to the EP ranks that own their experts and the results back, within ``ep``."""
 
     name: str = ""
 
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
-        self.traffic = Traffic(on_device=torch.zeros(len(PHASES), len(LINKS), dtype=torch.int64, device=rt.device))
-        links = [self._link(r) for r in range(rt.topo.world_size)]
+    def __init__(self, ep: EPView, spec: DispatchSpec) -> None:
+        self.ep, self.spec = ep, spec
+        self.traffic = Traffic(on_device=torch.zeros(len(PHASES), len(LINKS), dtype=torch.int64, device=ep.device))
+        links = [self._link(r) for r in range(ep.world_size)]
         self._link_of_rank = torch.tensor(  # [2, W] 1 where a send to rank r crosses that link
             [[link == name for link in links] for name in ("intra_node", "inter_node")], dtype=torch.int64
-        ).to(rt.device)
+        ).to(ep.device)
 
     def _link(self, dest: int) -> str | None:
-        """The link a send to world rank ``dest`` crosses; None for this rank itself."""
-        if dest == self.rt.rank:
+        """The link a send to EP rank ``dest`` crosses; None for this rank itself."""
+        if dest == self.ep.rank:
             return None
-        return "intra_node" if self.rt.topo.node_of(dest) == self.rt.topo.node_of(self.rt.rank) else "inter_node"
+        return "intra_node" if self.ep.topo.node_of(dest) == self.ep.node else "inter_node"
 
     @abstractmethod
     def dispatch(
@@ -273,8 +292,8 @@ class Dispatcher(ABC):
         """Add one message of ``row_bytes`` + ``meta_bytes`` per (token, expert) pair of ``topk_idx [T, K]`` (-1:
         none) to the expert's rank: DeepEP's low-latency layout. Computed on the device, no host sync."""
         pairs = (topk_idx >= 0).reshape(-1).long()  # [T * K]
-        dest = torch.div(topk_idx.clamp(min=0), self.rt.topo.experts_per_rank, rounding_mode="floor").reshape(-1)
-        per_rank = torch.zeros(self.rt.world_size, dtype=torch.int64, device=topk_idx.device)
+        dest = torch.div(topk_idx.clamp(min=0), self.ep.topo.experts_per_rank, rounding_mode="floor").reshape(-1)
+        per_rank = torch.zeros(self.ep.world_size, dtype=torch.int64, device=topk_idx.device)
         per_rank.scatter_add_(0, dest.long(), pairs)  # [W] pairs sent to each rank
         intra, inter = (self._link_of_rank * per_rank).sum(dim=1)  # pairs crossing each link
         link_bytes = torch.stack([intra * row_bytes, inter * row_bytes, (intra + inter) * meta_bytes])  # LINKS order
@@ -283,7 +302,7 @@ class Dispatcher(ABC):
     def count_sends(
         self, phase: str, dest_ranks: list[int], counts: list[int], row_bytes: int, meta_bytes: int
     ) -> None:
-        """Add payload and metadata bytes sent to world ranks ``dest_ranks`` to the traffic counters."""
+        """Add payload and metadata bytes sent to EP ranks ``dest_ranks`` to the traffic counters."""
         for dest, n in zip(dest_ranks, counts, strict=True):
             link = self._link(dest)
             if link is None or n == 0:

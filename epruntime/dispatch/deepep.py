@@ -23,101 +23,25 @@ when one of these dispatchers is built, so this module imports without DeepEP.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from epruntime.dispatch.base import AsyncDispatcher, Dispatcher, DispatchResult, InFlight, MaskedDispatchResult
-from epruntime.dispatch.lowlatency import check_capacity
-from epruntime.parallel.runtime import Runtime, at_end_rank
-
-if TYPE_CHECKING:
-    from epruntime.config.schema import Config
-
-HOW_TO_GET = (
-    "use the GPU image (docker/README.md) or build DeepEP with NVSHMEM (docs/gpu.md), "
-    "or set runtime.dispatcher to flat or lowlatency"
+from epruntime.dispatch.base import (
+    AsyncDispatcher,
+    Dispatcher,
+    DispatchResult,
+    DispatchSpec,
+    InFlight,
+    MaskedDispatchResult,
 )
-LOW_LATENCY_HIDDEN = (2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192)  # the hidden sizes its kernels compile
-LOW_LATENCY_MAX_TOPK = 11
-NORMAL_WORLD_SIZES = (2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 144, 160)  # Buffer.get_dispatch_config's table
-NVL_PEERS = 8  # internode normal mode assumes nodes of 8 GPUs
+from epruntime.dispatch.lowlatency import check_capacity
+from epruntime.parallel.layout import EPView
+
 NORMAL_QPS = 24  # DeepEP's default QPs per rank for internode normal mode
-DEFAULT_QP_DEPTH = 1024  # NVSHMEM_QP_DEPTH unless set; DeepEP's low-latency mode needs (capacity + 1) x 2 of it
 SOURCE_INDEX_BYTES = 4  # what a low-latency dispatch message carries besides the row: the source token index
-
-
-def deep_ep_import_error() -> str | None:
-    """Why ``import deep_ep`` fails here, or None when it works."""
-    try:
-        import deep_ep  # noqa: F401
-    except Exception as exc:  # ImportError, or a CUDA/NVSHMEM load error of a mismatched build
-        return f"{type(exc).__name__}: {exc}".splitlines()[0]
-    return None
-
-
-def deepep_modes(cfg: Config) -> tuple[str, ...]:
-    """DeepEP modes the configured dispatcher uses: normal, low_latency or both (``auto``)."""
-    return {"deepep": ("normal",), "deepep_low_latency": ("low_latency",)}.get(
-        cfg.runtime.dispatcher, ("normal", "low_latency")
-    )
-
-
-def check_deepep(cfg: Config) -> None:
-    """Config-time checks for the DeepEP dispatchers: importable, bf16, and shapes its kernels support."""
-    from epruntime.config.schema import ConfigError
-
-    m, run, topo = cfg.model, cfg.runtime, cfg.topology
-    what = f"runtime.dispatcher: {run.dispatcher}"
-    reason = deep_ep_import_error()
-    if reason is not None:
-        raise ConfigError(f"{what} needs DeepEP, but import deep_ep failed ({reason}); {HOW_TO_GET}")
-    if m.dtype != "bfloat16":
-        raise ConfigError(f"{what} uses DeepEP, which moves bf16 activations; set model.dtype=bfloat16")
-    world, per_node = topo.world_size // run.moe_tp, topo.ranks_per_node // run.moe_tp  # the EP world
-    modes = deepep_modes(cfg)
-    if world >= NVL_PEERS and world % NVL_PEERS:  # deep_ep.Buffer's constructor asserts it in every mode
-        raise ConfigError(
-            f"{what}: DeepEP needs an EP world below {NVL_PEERS} ranks or a multiple of {NVL_PEERS}, got {world}; "
-            f"change runtime.moe_tp or use runtime.dispatcher flat or hierarchical"
-        )
-    one_node = topo.nnodes == 1 and world <= NVL_PEERS  # one NVLink domain
-    if "normal" in modes and (world not in NORMAL_WORLD_SIZES or not (one_node or per_node == NVL_PEERS)):
-        raise ConfigError(
-            f"{what}: DeepEP normal mode supports EP worlds of {NORMAL_WORLD_SIZES} ranks, with {NVL_PEERS} per node "
-            f"across nodes, got {world} ranks with {per_node} per node; use runtime.dispatcher flat or hierarchical"
-        )
-    if "low_latency" in modes and (
-        m.hidden_size not in LOW_LATENCY_HIDDEN or m.num_experts_per_tok > LOW_LATENCY_MAX_TOPK
-    ):
-        raise ConfigError(
-            f"{what}: DeepEP low-latency kernels support hidden sizes {LOW_LATENCY_HIDDEN} and top-k <= "
-            f"{LOW_LATENCY_MAX_TOPK}, got hidden {m.hidden_size}, top-k {m.num_experts_per_tok}; "
-            f"use runtime.dispatcher lowlatency"
-        )
-    if "low_latency" in modes:
-        _check_low_latency_capacity(what, run.max_tokens_per_rank, world)
-
-
-def _check_low_latency_capacity(what: str, capacity: int, world: int) -> None:
-    """DeepEP's low-latency asserts: (capacity + 1) x 2 fits NVSHMEM's QP depth, and world x capacity is a
-    multiple of 4 (its TMA copies)."""
-    from epruntime.config.schema import ConfigError
-
-    depth = int(os.environ.get("NVSHMEM_QP_DEPTH", DEFAULT_QP_DEPTH))
-    if (capacity + 1) * 2 > depth:
-        raise ConfigError(
-            f"runtime.max_tokens_per_rank={capacity}: {what} needs (max_tokens_per_rank + 1) x 2 <= "
-            f"NVSHMEM_QP_DEPTH ({depth}); use at most {depth // 2 - 1} or raise NVSHMEM_QP_DEPTH"
-        )
-    if world * capacity % 4:
-        raise ConfigError(
-            f"runtime.max_tokens_per_rank={capacity}: {what} needs EP world ({world}) x max_tokens_per_rank to "
-            f"be a multiple of 4; round max_tokens_per_rank up to a multiple of 4"
-        )
 
 
 @dataclass
@@ -173,31 +97,19 @@ class SharedBuffer:
         return self.buffer
 
 
-_BUFFERS: dict[dist.ProcessGroup, SharedBuffer] = {}
-
-
-def shared_buffer(group: dist.ProcessGroup) -> SharedBuffer:
-    """The process-wide :class:`SharedBuffer` of ``group``; all of them are released by ``end_rank``."""
-    if not _BUFFERS:
-        at_end_rank(release_buffers)
-    return _BUFFERS.setdefault(group, SharedBuffer(group))
-
-
-def release_buffers() -> None:
-    """Destroy every DeepEP buffer of this process (all ranks together, as ``end_rank`` calls it)."""
-    for buffer in _BUFFERS.values():
-        buffer.release()
-    _BUFFERS.clear()
+def shared_buffer(ep: EPView) -> SharedBuffer:
+    """The :class:`SharedBuffer` of ``ep``'s world, kept in ``ep.resources`` and released by ``end_rank``."""
+    return ep.resources.setdefault("deepep", SharedBuffer(ep.world))
 
 
 class _DeepEPBase(Dispatcher):
-    def __init__(self, rt: Runtime) -> None:
-        super().__init__(rt)
+    def __init__(self, ep: EPView, spec: DispatchSpec) -> None:
+        super().__init__(ep, spec)
         import deep_ep
 
         self.deep_ep = deep_ep
-        self.buffers = shared_buffer(rt.world_group)
-        self.num_experts = rt.topo.num_experts
+        self.buffers = shared_buffer(ep)
+        self.num_experts = spec.num_experts
 
     def _topk_idx(self, topk_idx: torch.Tensor) -> torch.Tensor:
         return topk_idx.to(self.deep_ep.topk_idx_t).contiguous()
@@ -216,10 +128,10 @@ class DeepEPDispatcher(_DeepEPBase):
 
     name = "deepep"
 
-    def __init__(self, rt: Runtime) -> None:
-        super().__init__(rt)
-        buffer_cls, world = self.deep_ep.Buffer, rt.world_size
-        hidden_bytes = rt.cfg.model.hidden_size * 2  # bf16 rows
+    def __init__(self, ep: EPView, spec: DispatchSpec) -> None:
+        super().__init__(ep, spec)
+        buffer_cls, world = self.deep_ep.Buffer, ep.world_size
+        hidden_bytes = spec.hidden_size * 2  # bf16 rows
         configs = (buffer_cls.get_dispatch_config(world), buffer_cls.get_combine_config(world))
         self.buffers.reserve(
             nvl=max(c.get_nvl_buffer_size_hint(hidden_bytes, world) for c in configs),
@@ -243,7 +155,7 @@ class DeepEPDispatcher(_DeepEPBase):
         sent = per_rank.tolist()  # the dispatch has synchronised with the host already
         k = topk_idx.shape[1]
         self.count_sends(
-            "dispatch", list(range(self.rt.world_size)), sent, x.shape[1] * 2, k * (idx.element_size() + 4)
+            "dispatch", list(range(self.ep.world_size)), sent, x.shape[1] * 2, k * (idx.element_size() + 4)
         )
         return DispatchResult(
             recv_x=recv_x,
@@ -256,7 +168,7 @@ class DeepEPDispatcher(_DeepEPBase):
     def combine(self, y: torch.Tensor, handle: DeepEPHandle) -> torch.Tensor:
         combined, _, _ = self.buffers.use("normal").combine(y.contiguous(), handle.handle)  # unweighted sum
         # Combine returns along the dispatch links: summed over all ranks, these are the bytes combine moves.
-        self.count_sends("combine", list(range(self.rt.world_size)), handle.sent_per_rank, y.shape[1] * 2, 0)
+        self.count_sends("combine", list(range(self.ep.world_size)), handle.sent_per_rank, y.shape[1] * 2, 0)
         return combined
 
 
@@ -275,13 +187,13 @@ class DeepEPLowLatencyDispatcher(_DeepEPBase, AsyncDispatcher):
 
     name = "deepep_low_latency"
 
-    def __init__(self, rt: Runtime) -> None:
-        super().__init__(rt)
-        self.capacity = rt.cfg.runtime.max_tokens_per_rank
-        hidden, world = rt.cfg.model.hidden_size, rt.world_size
+    def __init__(self, ep: EPView, spec: DispatchSpec) -> None:
+        super().__init__(ep, spec)
+        self.capacity = spec.capacity
+        hidden, world = spec.hidden_size, ep.world_size
         self.buffers.reserve(
             rdma=self.deep_ep.Buffer.get_low_latency_rdma_size_hint(self.capacity, hidden, world, self.num_experts),
-            qps=rt.topo.experts_per_rank,  # DeepEP: one QP per local expert
+            qps=ep.topo.experts_per_rank,  # DeepEP: one QP per local expert
             low_latency=(self.capacity, hidden, self.num_experts),
         )
 

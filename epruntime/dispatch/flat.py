@@ -40,9 +40,9 @@ class FlatDispatcher(AsyncDispatcher):
     name = "flat"
 
     def dispatch_a(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> InFlight:
-        world, e_local = self.rt.world_size, self.rt.topo.experts_per_rank
+        world, e_local = self.ep.world_size, self.ep.topo.experts_per_rank
         needs = destinations(topk_idx.cpu(), e_local, world)  # [T, W]
-        hop = Hop.plan(needs, self.rt.world_group, list(range(world)), x.device)
+        hop = Hop.plan(needs, self.ep.world, list(range(world)), x.device)
         rows = hop.src_row
         routing = pack_routing(localize(topk_idx[rows], hop.dest * e_local, e_local), topk_weights[rows])  # [P, 2K]
         self.count_sends("dispatch", hop.peers, hop.send_counts, x.shape[1] * x.element_size(), routing.shape[1] * 4)

@@ -47,12 +47,12 @@ class HierarchicalDispatcher(AsyncDispatcher):
     name = "hierarchical"
 
     def dispatch_a(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> InFlight:
-        rt, topo = self.rt, self.rt.topo
+        ep, topo = self.ep, self.ep.topo
         e_local, row_bytes = topo.experts_per_rank, x.shape[1] * x.element_size()
         rail = Hop.plan(
             destinations(topk_idx.cpu(), topo.experts_per_node, topo.nnodes),  # [T, N]
-            rt.rail_group,
-            topo.rail_ranks(rt.local_index),
+            ep.rail,
+            topo.rail_ranks(ep.local_index),
             x.device,
         )
         rail_routing = pack_routing(topk_idx[rail.src_row], topk_weights[rail.src_row])  # [P1, 2K] global ids
@@ -61,9 +61,9 @@ class HierarchicalDispatcher(AsyncDispatcher):
         )  # [F, H], [F, K] global ids, [F, K]
         self.count_sends("dispatch", rail.peers, rail.send_counts, row_bytes, rail_routing.shape[1] * 4)
 
-        node_ranks = topo.node_ranks(rt.node)
+        node_ranks = topo.node_ranks(ep.node)
         needs = destinations(fwd_idx.cpu(), e_local, topo.world_size)[:, node_ranks[0] : node_ranks[-1] + 1]  # [F, L]
-        intra = Hop.plan(needs, rt.intra_group, node_ranks, x.device)
+        intra = Hop.plan(needs, ep.intra, node_ranks, x.device)
         first_expert = (node_ranks[0] + intra.dest) * e_local  # [P2]
         routing = pack_routing(
             localize(fwd_idx[intra.src_row], first_expert, e_local), fwd_weights[intra.src_row]

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from epruntime.dispatch.base import Dispatcher, DispatchResult, count_tokens_per_expert
-from epruntime.parallel.runtime import Runtime
+from epruntime.dispatch.base import Dispatcher, DispatchResult, DispatchSpec, count_tokens_per_expert
+from epruntime.parallel.layout import EPView
 
 
 class LocalDispatcher(Dispatcher):
     """Dispatch and combine within one rank: no copies, no collectives, no traffic."""
 
-    def __init__(self, rt: Runtime, name: str) -> None:
-        super().__init__(rt)
+    def __init__(self, ep: EPView, spec: DispatchSpec, name: str) -> None:
+        super().__init__(ep, spec)
         self.name = name
 
     def dispatch(
@@ -27,7 +27,7 @@ class LocalDispatcher(Dispatcher):
         topk_idx: torch.Tensor,  # [T, K] global ids, which are the local ids here
         topk_weights: torch.Tensor,  # [T, K]
     ) -> DispatchResult:
-        tokens_per_expert = count_tokens_per_expert(topk_idx, self.rt.topo.experts_per_rank)  # [E]
+        tokens_per_expert = count_tokens_per_expert(topk_idx, self.ep.topo.experts_per_rank)  # [E]
         return DispatchResult(x, topk_idx, topk_weights.float(), tokens_per_expert, handle=None)
 
     def combine(self, y: torch.Tensor, handle: None) -> torch.Tensor:  # [T, H] -> [T, H]

@@ -107,14 +107,14 @@ class LowLatencyDispatcher(AsyncDispatcher):
     @property
     def capacity(self) -> int:
         """Slots per (source rank, destination rank) block: ``runtime.max_tokens_per_rank``."""
-        return self.rt.cfg.runtime.max_tokens_per_rank
+        return self.spec.capacity
 
     def _exchange(self, block: torch.Tensor) -> tuple[torch.Tensor, dist.Work]:  # [W, M, B] -> [W, M, B]
         out = torch.empty_like(block)
-        return out, dist.all_to_all_single(out, block, group=self.rt.world_group, async_op=True)
+        return out, dist.all_to_all_single(out, block, group=self.ep.world, async_op=True)
 
     def dispatch_a(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> InFlight:
-        world, e_local, m = self.rt.world_size, self.rt.topo.experts_per_rank, self.capacity
+        world, e_local, m = self.ep.world_size, self.ep.topo.experts_per_rank, self.capacity
         t, h = x.shape
         check_capacity(t, m, self.name)
         ids, weights = block_routing(topk_idx, topk_weights, world, e_local, m)  # [W, M, K] each
@@ -138,7 +138,7 @@ class LowLatencyDispatcher(AsyncDispatcher):
         return InFlight([work], finish)
 
     def combine_a(self, y: torch.Tensor, handle: LowLatencyHandle) -> InFlight:
-        world, m, h = self.rt.world_size, self.capacity, y.shape[2]
+        world, m, h = self.ep.world_size, self.capacity, y.shape[2]
         partial = weighted_partials(y, handle).to(y.dtype).view(world, m, h)  # [W, M, H] per source rank
         back, work = self._exchange(partial)  # [W, M, H]: this rank's slots, summed on each expert rank
         self.count_sends("combine", list(range(world)), [m] * world, h * y.element_size(), 0)

@@ -4,11 +4,13 @@ A checkpoint is a directory with ``config.json`` and either ``model.safetensors`
 ``model-*.safetensors`` shards listed by ``model.safetensors.index.json``. A
 :class:`CheckpointReader` opens a shard only when one of its tensors is read (safetensors headers
 are parsed, never pickles), records every key and byte it reads, and serves lazy
-:class:`TensorView` mappings that plug into :mod:`epruntime.weights` (``take``,
+:class:`TensorView` mappings that plug into :mod:`epruntime.io.weights` (``take``,
 ``expert_weights``...), so building one MoE layer reads its gate, its shared expert and this
 rank's experts, nothing else. FP8 weights (``float8_e4m3fn`` with a ``<name>_scale_inv`` of
-block scales, ``quantization_config.weight_block_size``, 128 x 128 as released) are dequantized to
-the compute dtype: ``w[i, j] * scale_inv[i // 128, j // 128]``.
+block scales, ``quantization_config.weight_block_size``, 128 x 128 as released) of the routed
+experts are handed as :class:`~epruntime.io.fp8.Fp8Block` (kept FP8 for DeepGEMM, dequantized once
+by the experts otherwise); every other FP8 weight is dequantized to the compute dtype at read:
+``w[i, j] * scale_inv[i // 128, j // 128]`` (:func:`~epruntime.io.fp8.dequantize_block_fp8`).
 """
 
 from __future__ import annotations
@@ -25,13 +27,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from epruntime.config.schema import MoEConfig
+from epruntime.io.fp8 import BLOCK, FP8, Fp8Block, Weight, dense
 from epruntime.parallel.topology import Topology
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 SCALE_SUFFIX = "_scale_inv"
-DEFAULT_BLOCK = (128, 128)
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
 _EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
@@ -40,18 +42,6 @@ _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the key and the file."""
-
-
-def dequantize_fp8(
-    weight: torch.Tensor,  # [M, N] float8
-    scale_inv: torch.Tensor,  # [ceil(M / bm), ceil(N / bn)] fp32, one scale per block
-    block: tuple[int, int],
-    dtype: torch.dtype,
-) -> torch.Tensor:  # [M, N] in dtype
-    """Block-dequantize ``weight * scale_inv`` (each scale covers a ``block`` tile; edge tiles are partial)."""
-    m, n = weight.shape
-    scale = scale_inv.float().repeat_interleave(block[0], dim=0)[:m].repeat_interleave(block[1], dim=1)[:, :n]
-    return (weight.float() * scale).to(dtype)
 
 
 @dataclass
@@ -84,7 +74,7 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path}: no such checkpoint directory")
         self.hf_config = _read_json(self.path / CONFIG)
         quant = self.hf_config.get("quantization_config") or {}
-        self.block: tuple[int, int] = tuple(quant.get("weight_block_size", DEFAULT_BLOCK))
+        self.block: tuple[int, int] = tuple(quant.get("weight_block_size", BLOCK))
         self.log = ReadLog()
         self._open: dict[str, Any] = {}  # shard file name -> safetensors handle
         self.weight_map = self._weight_map()  # key -> shard file name
@@ -163,8 +153,9 @@ class CheckpointReader:
         self.log.keys[key] = tensor.numel() * tensor.element_size()
         return tensor
 
-    def tensor(self, key: str, dtype: torch.dtype) -> torch.Tensor:
-        """``key`` as the model uses it: FP8 weights dequantized to ``dtype`` with their block scales."""
+    def stored(self, key: str) -> Weight:
+        """``key`` as stored: an FP8 weight as an :class:`Fp8Block` with its (checked) block scales in fp32,
+        any other tensor as it is (counted in :attr:`log`, scales included)."""
         tensor = self.read(key)
         if tensor.dtype not in FP8_DTYPES:
             return tensor
@@ -179,7 +170,11 @@ class CheckpointReader:
                 f"{self.where(scale_key)} has shape {self.shape(scale_key)}, expected {blocks} "
                 f"({self.block[0]}x{self.block[1]} blocks of the {tuple(tensor.shape)} weight)"
             )
-        return dequantize_fp8(tensor, self.read(scale_key), self.block, dtype)
+        return Fp8Block(tensor, self.read(scale_key).float(), self.block)
+
+    def tensor(self, key: str, dtype: torch.dtype) -> torch.Tensor:
+        """``key`` as a dense tensor: an FP8 weight dequantized to ``dtype`` with its block scales."""
+        return dense(self.stored(key), dtype)
 
     def view(self, prefix: str, dtype: torch.dtype) -> TensorView:
         """The tensors under ``prefix`` (e.g. ``model.layers.3.mlp.``) as a lazy mapping."""
@@ -209,16 +204,18 @@ class CheckpointReader:
         return self.view(f"model.layers.{layer_idx}.mlp.", cfg.torch_dtype)
 
 
-class TensorView(Mapping[str, torch.Tensor]):
-    """Checkpoint tensors under a prefix; indexing reads (and dequantizes) one tensor from its shard."""
+class TensorView(Mapping[str, Weight]):
+    """Checkpoint tensors under a prefix; indexing reads one tensor from its shard: a routed expert's FP8
+    weight as an :class:`Fp8Block`, any other FP8 weight dequantized to ``dtype``."""
 
     def __init__(self, reader: CheckpointReader, prefix: str, dtype: torch.dtype) -> None:
         self.reader, self.prefix, self.dtype = reader, prefix, dtype
 
-    def __getitem__(self, key: str) -> torch.Tensor:
+    def __getitem__(self, key: str) -> Weight:
         if key not in self:
             raise KeyError(f"checkpoint has no {self.where(key)}")
-        return self.reader.tensor(self.prefix + key, self.dtype)
+        full = self.prefix + key
+        return self.reader.stored(full) if _EXPERT_KEY.match(full) else self.reader.tensor(full, self.dtype)
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and self.prefix + key in self.reader
@@ -231,7 +228,7 @@ class TensorView(Mapping[str, torch.Tensor]):
         return sum(1 for _ in self)
 
     def where(self, key: str) -> str:
-        """Where ``key`` lives (used by :func:`epruntime.weights.take` in its errors)."""
+        """Where ``key`` lives (used by :func:`epruntime.io.weights.take` in its errors)."""
         return self.reader.where(self.prefix + key)
 
 
@@ -256,11 +253,24 @@ def check_model_config(cfg: MoEConfig, reader: CheckpointReader) -> None:
 
 
 def resident_dtype(key: str, dtype: torch.dtype) -> torch.dtype:
-    """The dtype a checkpoint tensor is held in: the router gate in fp32, every other weight in ``dtype``."""
+    """The dtype a dense checkpoint tensor is held in: the router gate in fp32, every other weight in ``dtype``."""
     return torch.float32 if ".mlp.gate." in key else dtype
 
 
-def _weight_bytes_by_expert(reader: CheckpointReader, dtype: torch.dtype) -> tuple[dict[int, int], int]:
+def resident_bytes(key: str, shape: tuple[int, ...], dtype: torch.dtype, grouped_gemm: str = "auto") -> int:
+    """Bytes a checkpoint tensor takes once loaded. Under ``grouped_gemm: deep_gemm`` a routed expert's weight is
+    held as FP8 plus fp32 scales of 128 x 128 blocks (FP8 as stored, dense quantized at load); otherwise every
+    weight is dense, at :func:`resident_dtype`."""
+    numel = math.prod(shape)
+    if grouped_gemm == "deep_gemm" and _EXPERT_KEY.match(key):
+        blocks = math.prod(math.ceil(n / b) for n, b in zip(shape[-2:], BLOCK, strict=True))
+        return numel * FP8.itemsize + blocks * torch.float32.itemsize
+    return numel * resident_dtype(key, dtype).itemsize
+
+
+def _weight_bytes_by_expert(
+    reader: CheckpointReader, dtype: torch.dtype, grouped_gemm: str
+) -> tuple[dict[int, int], int]:
     """Loaded bytes of each routed expert id over every MoE layer, and of everything else (from headers)."""
     per_expert: dict[int, int] = {}
     replicated = 0
@@ -268,7 +278,7 @@ def _weight_bytes_by_expert(reader: CheckpointReader, dtype: torch.dtype) -> tup
         layer = _LAYER_KEY.match(key)
         if key.endswith(SCALE_SUFFIX) or (layer and int(layer.group(1)) >= reader.num_layers):
             continue
-        size = math.prod(reader.shape(key)) * resident_dtype(key, dtype).itemsize
+        size = resident_bytes(key, reader.shape(key), dtype, grouped_gemm)
         expert = _EXPERT_KEY.match(key)
         if expert:
             e = int(expert.group(2))
@@ -279,16 +289,18 @@ def _weight_bytes_by_expert(reader: CheckpointReader, dtype: torch.dtype) -> tup
 
 
 def checkpoint_weight_bytes_per_rank(
-    path: str | Path | CheckpointReader, topo: Topology, dtype: torch.dtype | None = None
+    path: str | Path | CheckpointReader, topo: Topology, dtype: torch.dtype | None = None, grouped_gemm: str = "auto"
 ) -> list[dict[str, int]]:
     """Bytes of weights each rank of ``topo`` holds once loaded, in rank order (from shard headers only).
 
     ``routed_experts``: its own experts of every MoE layer; ``replicated``: everything else (attention,
     norms, dense layers, gates, shared experts, embeddings); ``dtype`` defaults to config.json's.
-    FP8 weights count at ``dtype`` (they are dequantized); layers past ``num_hidden_layers`` (MTP) are skipped.
+    Routed experts count as FP8 plus block scales under ``grouped_gemm`` ``deep_gemm``, at ``dtype``
+    otherwise; every other FP8 weight counts at ``dtype`` (it is dequantized); layers past
+    ``num_hidden_layers`` (MTP) are skipped.
     """
     reader = as_reader(path)
-    per_expert, replicated = _weight_bytes_by_expert(reader, dtype or reader.moe_config().torch_dtype)
+    per_expert, replicated = _weight_bytes_by_expert(reader, dtype or reader.moe_config().torch_dtype, grouped_gemm)
     out = []
     for rank in range(topo.world_size):
         routed = sum(per_expert.get(e, 0) for e in topo.expert_range(rank))
@@ -297,10 +309,14 @@ def checkpoint_weight_bytes_per_rank(
 
 
 def checkpoint_weight_bytes(
-    path: str | Path | CheckpointReader, rank: int, topo: Topology, dtype: torch.dtype | None = None
+    path: str | Path | CheckpointReader,
+    rank: int,
+    topo: Topology,
+    dtype: torch.dtype | None = None,
+    grouped_gemm: str = "auto",
 ) -> dict[str, int]:
     """What :func:`checkpoint_weight_bytes_per_rank` gives for rank ``rank``."""
-    return checkpoint_weight_bytes_per_rank(path, topo, dtype)[rank]
+    return checkpoint_weight_bytes_per_rank(path, topo, dtype, grouped_gemm)[rank]
 
 
 __all__ = [
@@ -312,5 +328,6 @@ __all__ = [
     "check_model_config",
     "checkpoint_weight_bytes",
     "checkpoint_weight_bytes_per_rank",
-    "dequantize_fp8",
+    "resident_bytes",
+    "resident_dtype",
 ]

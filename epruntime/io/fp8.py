@@ -6,11 +6,17 @@ checkpoint's ``weight_scale_inv`` is that multiplier, and DeepGEMM takes it as t
 factor as is). Activations for DeepGEMM are quantized per token and 128 channels (1 x 128 groups).
 Quantization, dequantization and the contiguous-layout arithmetic run on CPU; the DeepGEMM calls
 need a Hopper (SM90) GPU and the ``deep_gemm`` package.
+
+A checkpoint's routed-expert weights travel as :class:`Fp8Block` from the reader to the experts,
+stacked, concatenated and TP-sliced by :func:`stack_weights`, :func:`cat_rows` and
+:func:`narrow_weight`, which keep the blocks whenever a cut falls on block edges;
+:func:`dequantize_block_fp8` is the package's one dequantizer.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,18 +33,76 @@ TOKEN_GROUP = 128  # channels per activation scale (DeepGEMM's 1 x 128 recipe)
 
 @dataclass
 class Fp8Block:
-    """A block-quantized weight: FP8 values and the fp32 multiplier of each block."""
+    """A block-quantized weight: FP8 values and the fp32 multiplier of each ``block`` (rows x columns)."""
 
     weight: torch.Tensor  # [..., N, K] float8_e4m3fn
-    scale_inv: torch.Tensor  # [..., ceil(N/128), ceil(K/128)] fp32
+    scale_inv: torch.Tensor  # [..., ceil(N/bn), ceil(K/bk)] fp32
+    block: tuple[int, int] = BLOCK  # (bn, bk)
 
     @property
     def shape(self) -> torch.Size:
         return self.weight.shape
 
-    def to(self, device: torch.device | str) -> Fp8Block:
-        """The same weight on ``device``."""
-        return Fp8Block(self.weight.to(device), self.scale_inv.to(device))
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Fp8Block:
+        """The same weight on ``device``. ``dtype`` is ignored: FP8 stays FP8 (so ``w.to(device, dtype)``
+        moves dense weights and FP8 blocks alike)."""
+        return Fp8Block(self.weight.to(device), self.scale_inv.to(device), self.block)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:  # [..., N, K] dtype
+        """The real values, through :func:`dequantize_block_fp8`."""
+        return dequantize_block_fp8(self.weight, self.scale_inv, self.block, dtype)
+
+
+Weight = torch.Tensor | Fp8Block
+
+
+def dense(w: Weight, dtype: torch.dtype) -> torch.Tensor:
+    """``w`` as a dense tensor: an FP8 block dequantized to ``dtype``, a tensor as it is."""
+    return w.dequantize(dtype) if isinstance(w, Fp8Block) else w
+
+
+def _blocks(parts: Sequence[Weight]) -> list[Fp8Block] | None:
+    """``parts`` when all are FP8 blocks of one block size, else None."""
+    if all(isinstance(p, Fp8Block) for p in parts) and len({p.block for p in parts}) == 1:
+        return list(parts)
+    return None
+
+
+def stack_weights(parts: Sequence[Weight], dtype: torch.dtype) -> Weight:  # [n, ...]
+    """``parts`` stacked along a new first dim: one FP8 block (scales stacked alike) when all are blocks of one
+    block size, else a dense tensor (blocks dequantized to ``dtype``)."""
+    blocks = _blocks(parts)
+    if blocks is None:
+        return torch.stack([dense(p, dtype) for p in parts])
+    w = torch.stack([b.weight for b in blocks])
+    return Fp8Block(w, torch.stack([b.scale_inv for b in blocks]), blocks[0].block)
+
+
+def cat_rows(parts: Sequence[Weight], dtype: torch.dtype) -> Weight:  # [..., sum N_i, K]
+    """``parts`` concatenated along rows (dim -2): one FP8 block (scales concatenated alike) when all are blocks
+    of one block size and each but the last ends on a block row, else a dense tensor (blocks dequantized to
+    ``dtype``)."""
+    blocks = _blocks(parts)
+    if blocks is None or any(b.shape[-2] % b.block[0] for b in blocks[:-1]):
+        return torch.cat([dense(p, dtype) for p in parts], dim=-2)
+    w = torch.cat([b.weight for b in blocks], dim=-2)
+    return Fp8Block(w, torch.cat([b.scale_inv for b in blocks], dim=-2), blocks[0].block)
+
+
+def narrow_weight(w: Weight, dim: int, start: int, length: int) -> Weight:
+    """``w``'s ``[start, start + length)`` along ``dim``, contiguous. An FP8 block stays one (its scales sliced
+    alike) when the slice starts on a block edge and ends on one or at the end; otherwise it is dequantized to
+    fp32 first (exact: every FP8 value times its fp32 scale)."""
+    if not isinstance(w, Fp8Block):
+        return w.narrow(dim, start, length).contiguous()
+    axis = dim % w.weight.dim()
+    size = ((1,) * (w.weight.dim() - 2) + w.block)[axis]  # leading (expert) dims: one scale per index
+    end = start + length
+    if start % size or (end % size and end != w.shape[axis]):
+        return w.dequantize(torch.float32).narrow(axis, start, length).contiguous()
+    first, last = start // size, math.ceil(end / size)
+    weight = w.weight.narrow(axis, start, length).contiguous()
+    return Fp8Block(weight, w.scale_inv.narrow(axis, first, last - first).contiguous(), w.block)
 
 
 def _block_view(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -72,7 +136,7 @@ def quantize_block_fp8(weight: torch.Tensor, block: tuple[int, int] = BLOCK) -> 
     blocks = _block_view(weight.float(), block)  # [..., nb, bn, kb, bk]
     scale = blocks.abs().amax(dim=(-3, -1), keepdim=True).clamp(min=1e-12) / FP8_MAX  # [..., nb, 1, kb, 1]
     q = (blocks / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).flatten(-4, -3).flatten(-2, -1)[..., :n, :k]
-    return Fp8Block(q.contiguous(), scale[..., :, 0, :, 0].contiguous())
+    return Fp8Block(q.contiguous(), scale[..., :, 0, :, 0].contiguous(), block)
 
 
 def quantize_per_token_fp8(x: torch.Tensor, group: int = TOKEN_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +177,7 @@ def deep_gemm_import_error() -> str | None:
 
 def check_deep_gemm(cfg: Config) -> None:
     """``runtime.grouped_gemm: deep_gemm`` needs the package, a Hopper GPU and 128-aligned shapes."""
-    from epruntime.config.schema import ConfigError
+    from epruntime.config.errors import ConfigError
 
     reason = deep_gemm_import_error()
     if reason is not None:

@@ -5,6 +5,8 @@ Names: ``gate.weight [E, H]``, ``gate.e_score_correction_bias [E]``,
 transformers 5.x modules hold experts fused (``experts.gate_up_proj [E, 2I, H]``,
 ``experts.down_proj [E, H, I]``); both forms are accepted. Synthetic weights are drawn per
 expert from ``(seed, expert id)``, so a rank can make its own experts without the others'.
+A checkpoint view hands routed-expert FP8 weights as :class:`~epruntime.io.fp8.Fp8Block`;
+:func:`expert_weights` stacks them as blocks, every other accessor expects dense tensors.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from epruntime.config.schema import MoEConfig
+from epruntime.io.fp8 import Weight, cat_rows, stack_weights
 
-StateDict = Mapping[str, torch.Tensor]
+StateDict = Mapping[str, Weight]
 
 
 def _normal(shape: tuple[int, ...], fan_in: int, seed: int) -> torch.Tensor:
@@ -48,8 +51,8 @@ def random_state_dict(cfg: MoEConfig, seed: int, experts: Iterable[int] | None =
     return sd
 
 
-def take(sd: StateDict, key: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """``sd[key]`` checked against ``shape``; a clear error naming the key otherwise.
+def take(sd: StateDict, key: str, shape: tuple[int, ...]) -> Weight:
+    """``sd[key]`` (a tensor or an FP8 block) checked against ``shape``; a clear error naming the key otherwise.
 
     A mapping with a ``where(key)`` method (a checkpoint view) names the file in its errors too.
     """
@@ -65,23 +68,25 @@ def take(sd: StateDict, key: str, shape: tuple[int, ...]) -> torch.Tensor:
     return tensor
 
 
-def expert_weights(sd: StateDict, cfg: MoEConfig, experts: Iterable[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stacked ``w13 [n, 2I, H]`` (gate rows, then up rows) and ``w2 [n, H, I]`` for ``experts``."""
-    h, i, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
+def expert_weights(sd: StateDict, cfg: MoEConfig, experts: Iterable[int]) -> tuple[Weight, Weight]:
+    """Stacked ``w13 [n, 2I, H]`` (gate rows, then up rows) and ``w2 [n, H, I]`` for ``experts``.
+
+    Dense tensors, or FP8 blocks when ``sd`` holds them (gate and up blocks concatenated along rows,
+    scales alike): a ``w13`` whose gate rows do not end on a block row cannot stay one block and is
+    dequantized to ``cfg.torch_dtype``.
+    """
+    h, i, e, dtype = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts, cfg.torch_dtype
     experts = list(experts)
     if "experts.gate_up_proj" in sd:  # transformers' fused in-memory layout
         w13 = take(sd, "experts.gate_up_proj", (e, 2 * i, h))[experts]
         w2 = take(sd, "experts.down_proj", (e, h, i))[experts]
         return w13.contiguous(), w2.contiguous()
-    w13 = torch.stack(
-        [
-            torch.cat(
-                [take(sd, f"experts.{x}.gate_proj.weight", (i, h)), take(sd, f"experts.{x}.up_proj.weight", (i, h))]
-            )
-            for x in experts
-        ]
-    )
-    w2 = torch.stack([take(sd, f"experts.{x}.down_proj.weight", (h, i)) for x in experts])
+
+    def gate_up(x: int) -> Weight:  # [2I, H]
+        return cat_rows([take(sd, f"experts.{x}.{p}_proj.weight", (i, h)) for p in ("gate", "up")], dtype)
+
+    w13 = stack_weights([gate_up(x) for x in experts], dtype)  # [n, 2I, H]
+    w2 = stack_weights([take(sd, f"experts.{x}.down_proj.weight", (h, i)) for x in experts], dtype)  # [n, H, I]
     return w13, w2
 
 

@@ -6,7 +6,7 @@ weighted back per row; the masked low-latency layout (``[E_local, C, H]`` with `
 rows per expert) runs on its valid rows and returns unweighted outputs (its combine weights them).
 On CUDA ``torch._grouped_mm`` needs bf16 operands whose rows are 16-byte aligned; other shapes and
 dtypes take the per-expert loop. With ``grouped_gemm: deep_gemm`` the weights are FP8 blocks and
-the GEMMs are DeepGEMM's (see :mod:`epruntime.fp8`).
+the GEMMs are DeepGEMM's (see :mod:`epruntime.io.fp8`).
 """
 
 from __future__ import annotations
@@ -14,18 +14,21 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from epruntime.config.schema import MoEConfig
 from epruntime.dispatch.base import DispatchResult, MaskedDispatchResult
 from epruntime.io.fp8 import (
+    BLOCK,
+    FP8,
     Fp8Block,
+    Weight,
     deep_gemm_grouped_contiguous,
     deep_gemm_grouped_masked,
-    dequantize_block_fp8,
+    dense,
     quantize_block_fp8,
 )
+from epruntime.layer.activation import swiglu
 
 
 def has_grouped_mm() -> bool:
@@ -39,16 +42,23 @@ def grouped_mm_fits(dtype: torch.dtype, device: torch.device, *dims: int) -> boo
     return device.type != "cuda" or (dtype == torch.bfloat16 and all(d * 2 % 16 == 0 for d in dims))
 
 
-def swiglu(h: torch.Tensor) -> torch.Tensor:  # [..., 2I] gate then up -> [..., I]
-    """``silu(gate) * up`` of a fused gate/up projection (one new tensor, multiplied in place)."""
-    gate, up = h.chunk(2, dim=-1)
-    return F.silu(gate).mul_(up)
-
-
 def valid_rows(masked_m: torch.Tensor, capacity: int) -> torch.Tensor:  # [N] int64
     """Flat indices into ``[E, capacity]`` of each expert's first ``masked_m[e]`` rows, expert-major."""
     slots = torch.arange(capacity, device=masked_m.device)
     return (slots.unsqueeze(0) < masked_m.unsqueeze(1)).reshape(-1).nonzero().squeeze(1)
+
+
+def _deep_gemm_block(w: Weight) -> Fp8Block:
+    """The FP8 128 x 128 block DeepGEMM takes: an FP8 block as it is (no second rounding), a dense weight
+    quantized."""
+    if not isinstance(w, Fp8Block):
+        return quantize_block_fp8(w)
+    if w.block != BLOCK or w.weight.dtype != FP8:
+        raise ValueError(
+            f"runtime.grouped_gemm: deep_gemm takes float8_e4m3fn weights in {BLOCK[0]}x{BLOCK[1]} blocks, the "
+            f"checkpoint has {w.weight.dtype} in {w.block[0]}x{w.block[1]} blocks; set runtime.grouped_gemm=auto"
+        )
+    return w
 
 
 def _capturing(x: torch.Tensor) -> bool:
@@ -79,26 +89,24 @@ def grouped_linear(
 class LocalExperts(nn.Module):
     """The ``E_local`` SwiGLU experts this rank owns, stored stacked for grouped GEMM.
 
-    ``w13``/``w2`` may be FP8 blocks (:class:`~epruntime.fp8.Fp8Block`): kept as FP8 for
-    ``grouped_gemm: deep_gemm``, dequantized here at load otherwise; dense weights are quantized
-    to 128 x 128 blocks at load for ``deep_gemm``.
+    ``w13``/``w2`` may be FP8 blocks (:class:`~epruntime.io.fp8.Fp8Block`): kept as they are for
+    ``grouped_gemm: deep_gemm`` (their tensors registered as parameters, so ``parameters()`` and
+    ``state_dict()`` hold them), dequantized here once to ``cfg.torch_dtype`` otherwise; dense weights
+    are quantized to 128 x 128 blocks at load for ``deep_gemm``.
     """
 
-    def __init__(
-        self, cfg: MoEConfig, w13: torch.Tensor | Fp8Block, w2: torch.Tensor | Fp8Block, grouped_gemm: str = "auto"
-    ) -> None:
+    def __init__(self, cfg: MoEConfig, w13: Weight, w2: Weight, grouped_gemm: str = "auto") -> None:
         super().__init__()
         self.intermediate = w2.shape[-1]  # I, or I / moe_tp for an expert-TP slice
         self.topk, self.total_experts = cfg.num_experts_per_tok, cfg.n_routed_experts
         self.fp8 = grouped_gemm == "deep_gemm"
         if self.fp8:  # [E_local, 2I, H] and [E_local, H, I] FP8 blocks for DeepGEMM
-            self.w13, self.w2 = (w if isinstance(w, Fp8Block) else quantize_block_fp8(w) for w in (w13, w2))
+            self.w13, self.w2 = (
+                self._register_block(name, _deep_gemm_block(w)) for name, w in (("w13", w13), ("w2", w2))
+            )
             self.use_grouped_mm = False
             return
-        w13, w2 = (
-            dequantize_block_fp8(w.weight, w.scale_inv, dtype=cfg.torch_dtype) if isinstance(w, Fp8Block) else w
-            for w in (w13, w2)
-        )
+        w13, w2 = dense(w13, cfg.torch_dtype), dense(w2, cfg.torch_dtype)
         self.w13 = nn.Parameter(w13, requires_grad=False)  # [E_local, 2I, H] gate rows then up rows
         self.w2 = nn.Parameter(w2, requires_grad=False)  # [E_local, H, I]
         fits = grouped_mm_fits(w13.dtype, w13.device, w13.shape[-1], self.intermediate)
@@ -109,11 +117,19 @@ class LocalExperts(nn.Module):
             )
         self.use_grouped_mm = grouped_gemm == "grouped_mm" or (grouped_gemm == "auto" and has_grouped_mm() and fits)
 
+    def _register_block(self, name: str, w: Fp8Block) -> Fp8Block:
+        """``w`` with its tensors held as parameters ``{name}_weight`` / ``{name}_scale_inv`` (same storage)."""
+        weight = nn.Parameter(w.weight, requires_grad=False)
+        scale_inv = nn.Parameter(w.scale_inv, requires_grad=False)
+        self.register_parameter(f"{name}_weight", weight)
+        self.register_parameter(f"{name}_scale_inv", scale_inv)
+        return Fp8Block(weight, scale_inv, w.block)
+
     @property
     def num_experts(self) -> int:
         return self.w13.shape[0]
 
-    def _linear(self, x: torch.Tensor, w: torch.Tensor | Fp8Block, counts: torch.Tensor) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, w: Weight, counts: torch.Tensor) -> torch.Tensor:  # [N, D_in] -> [N, D_out]
         if isinstance(w, Fp8Block):
             return deep_gemm_grouped_contiguous(x, w, counts)
         return grouped_linear(x, w, counts, self.use_grouped_mm)

@@ -92,7 +92,8 @@ class DeepseekEP(nn.Module):
         """Load a HF DeepSeek-V3 checkpoint: replicated weights whole, each MoE layer's experts for this rank only.
 
         ``rt.cfg.model`` must describe the checkpoint's MoE layers (build it with ``MoEConfig.from_hf``);
-        its ``dtype`` is the compute dtype (FP8 weights are dequantized to it). Layers past
+        its ``dtype`` is the compute dtype (FP8 weights are dequantized to it, routed experts only when they do
+        not run on DeepGEMM). Layers past
         ``num_hidden_layers`` (the MTP module) are not loaded.
         """
         reader = as_reader(checkpoint)
@@ -125,6 +126,10 @@ class DeepseekEP(nn.Module):
         embed = load(lambda: nn.Embedding(config.vocab_size, config.hidden_size), "model.embed_tokens.")
         lm_head = load(lambda: nn.Linear(config.hidden_size, config.vocab_size, bias=False), "lm_head.")
         return cls(config, rt, embed, layers, load(norm(config.hidden_size), "model.norm."), lm_head)
+
+    def moe_layers(self) -> list[EPMoE]:
+        """The expert-parallel MoE layers, in model order."""
+        return [layer.mlp for layer in self.layers if layer.is_moe]
 
     def new_cache(self) -> DynamicCache:
         """An empty KV cache (MLA latents per layer) for :meth:`forward`."""

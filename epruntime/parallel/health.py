@@ -11,6 +11,7 @@ the rank that posted a failure, or else the ranks that posted nothing at all (de
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import threading
@@ -21,6 +22,8 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 T = TypeVar("T")
 POLL_S = 1.0  # watchdog period
@@ -162,9 +165,48 @@ class NonFiniteError(FloatingPointError):
     """NaN or Inf found in activations while ``runtime.check_finite`` is on."""
 
 
+# What gloo's and NCCL's plain RuntimeErrors say when a peer died, hung or left (torch wraps only some of them
+# in DistError): a connection closed or reset, a timed-out wait, or the backend naming itself.
+_COLLECTIVE_MESSAGE = re.compile(
+    r"gloo|nccl|ProcessGroup|[Cc]onnection (closed|reset|refused)|[Tt]imed out|[Bb]roken pipe"
+)
+
+
 def is_collective_failure(exc: BaseException) -> bool:
-    """Errors a collective raises when a peer died, raised or timed out (gloo and NCCL raise these)."""
-    return isinstance(exc, dist.DistError) or type(exc) is RuntimeError
+    """Errors a collective raises when a peer died, raised or timed out: torch's DistError, or a plain
+    RuntimeError from the backend saying so. A local bug (a shape error is a plain RuntimeError too) is not."""
+    if isinstance(exc, dist.DistError):
+        return True
+    return type(exc) is RuntimeError and _COLLECTIVE_MESSAGE.search(str(exc)) is not None
+
+
+@contextmanager
+def failures_named() -> Iterator[None]:
+    """Inside: a failed collective becomes a :class:`RankFailure` naming the stage and the rank that failed;
+    any other error of this rank is posted for its peers, then propagates."""
+    try:
+        yield
+    except RankFailure:
+        raise
+    except Exception as exc:
+        if is_collective_failure(exc):
+            raise RankFailure(describe_failure(exc)) from exc
+        report_own_failure(exc)
+        raise
+
+
+def check_tp_tokens(num_tokens: int, group: dist.ProcessGroup, tp_size: int) -> None:
+    """The ranks of one expert-TP group share their tokens, so they must hold the same number: one 16-byte
+    host all-reduce (gloo, no device sync) finds a mismatch and every rank of the group raises alike."""
+    bounds = torch.tensor([num_tokens, -num_tokens], dtype=torch.int64)  # [2] max and -min after the reduce
+    dist.all_reduce(bounds, op=dist.ReduceOp.MAX, group=group)
+    most, fewest = bounds[0].item(), -bounds[1].item()
+    if most != fewest:
+        raise ValueError(
+            f"runtime.moe_tp: the {tp_size} ranks of an expert-TP group share their tokens and must each get the "
+            f"same number, got between {fewest} and {most} (this rank {num_tokens}); give every rank of a TP group "
+            f"the same batch"
+        )
 
 
 def all_gather_flat(out: torch.Tensor, mine: torch.Tensor, group: dist.ProcessGroup | None = None) -> None:
@@ -174,16 +216,29 @@ def all_gather_flat(out: torch.Tensor, mine: torch.Tensor, group: dist.ProcessGr
     gather(out, mine, group=group)
 
 
-def assert_finite_on_all_ranks(t: torch.Tensor, what: str, group: dist.ProcessGroup, world_size: int) -> None:
+def assert_finite_on_all_ranks(t: torch.Tensor, what: str, group: dist.ProcessGroup) -> None:
     """Every rank checks its tensor; all ranks raise together, naming each rank with NaN/Inf values."""
     bad = (~torch.isfinite(t)).sum().reshape(1).to(torch.int64)  # [1]
-    counts = torch.zeros(world_size, dtype=torch.int64, device=t.device)  # [W]
+    counts = torch.zeros(dist.get_world_size(group), dtype=torch.int64, device=t.device)  # [W]
     all_gather_flat(counts, bad, group)
     culprits = [f"rank {r} ({n} values)" for r, n in enumerate(counts.tolist()) if n]
     if culprits:
         raise NonFiniteError(
             f"{what}: NaN/Inf on {', '.join(culprits)} (runtime.check_finite); check the inputs of that rank"
         )
+
+
+def finite_check_hooks(layer: nn.Module, group: dist.ProcessGroup) -> list[RemovableHandle]:
+    """Forward hooks on ``layer`` checking its input and output on every rank of ``group``
+    (``runtime.check_finite``); the messages name ``layer.label``. Remove the handles to turn it off."""
+
+    def check_input(module: nn.Module, args: tuple) -> None:
+        assert_finite_on_all_ranks(args[0], f"{module.label} input", group)
+
+    def check_output(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        assert_finite_on_all_ranks(out, f"{module.label} output", group)
+
+    return [layer.register_forward_pre_hook(check_input), layer.register_forward_hook(check_output)]
 
 
 def run_or_exit(fn: Callable[[], T]) -> T:

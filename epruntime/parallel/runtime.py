@@ -7,14 +7,13 @@ the world, intra-node and rail groups. With no launcher it runs a 1-rank world.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,27 +25,32 @@ from epruntime.parallel.cpu_alloc import keep_buffers_in_heap
 from epruntime.parallel.cpu_sched import batch_scheduling_if_oversubscribed, cores_available
 from epruntime.parallel.launcher import LaunchEnv as LaunchEnv  # re-exported: callers check worlds with it
 from epruntime.parallel.launcher import detect_launcher, reconcile_topology
+from epruntime.parallel.layout import ParallelLayout, build_layout
 from epruntime.parallel.topology import Topology
 
 
 @dataclass
 class Runtime:
-    """This rank's place in the job and the process groups the dispatchers use."""
+    """This rank's place in the job: the config it runs, its parallel layout (every process group, built
+    once) and its device. ``rank`` is always the process rank; the EP rank is ``layout.ep.rank``."""
 
     cfg: Config
-    topo: Topology
-    rank: int
-    local_rank: int
+    layout: ParallelLayout
     device: torch.device
     launcher: str
-    world_group: dist.ProcessGroup
-    intra_group: dist.ProcessGroup
-    rail_group: dist.ProcessGroup
-    expert_parallel: Any = None  # epruntime.parallel.ExpertParallel, built on first use
+    local_rank: int = 0
+
+    @property
+    def topo(self) -> Topology:
+        return self.layout.topo
+
+    @property
+    def rank(self) -> int:
+        return self.layout.rank
 
     @property
     def world_size(self) -> int:
-        return self.topo.world_size
+        return self.layout.world_size
 
     @property
     def node(self) -> int:
@@ -55,6 +59,18 @@ class Runtime:
     @property
     def local_index(self) -> int:
         return self.topo.local_index_of(self.rank)
+
+    @property
+    def world_group(self) -> dist.ProcessGroup:
+        return self.layout.world
+
+    @property
+    def intra_group(self) -> dist.ProcessGroup:
+        return self.layout.intra
+
+    @property
+    def rail_group(self) -> dist.ProcessGroup:
+        return self.layout.rail
 
     def log(self, message: str) -> None:
         """A per-rank line, prefixed with the rank."""
@@ -71,17 +87,6 @@ def process_group_backend(backend: str) -> str:
     and gloo the small host-side collectives of the same groups (count exchanges, timing and traffic
     reductions, config agreement), which NCCL alone would refuse."""
     return "cpu:gloo,cuda:nccl" if backend == "nccl" else backend
-
-
-def new_groups(rank_lists: list[list[int]], rank: int, timeout: timedelta) -> dist.ProcessGroup:
-    """Create one group per rank list (every rank must create all of them) and return ``rank``'s."""
-    own = None
-    for ranks in rank_lists:
-        group = dist.new_group(ranks, timeout=timeout)
-        if rank in ranks:
-            own = group
-    assert own is not None
-    return own
 
 
 def _fingerprint(section: dict) -> int:
@@ -106,7 +111,7 @@ def check_ranks_agree(cfg: Config, world_size: int) -> None:
 
 
 def init_runtime(cfg: Config) -> Runtime:
-    """Start torch.distributed from the launcher's environment and build the EP process groups."""
+    """Start torch.distributed from the launcher's environment and build the parallel layout (every group, once)."""
     check_environment(cfg)
     env = detect_launcher()
     if env.rank == 0:
@@ -148,29 +153,21 @@ def init_runtime(cfg: Config) -> Runtime:
     if cfg.runtime.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    intra = new_groups([topo.node_ranks(n) for n in range(topo.nnodes)], rank, timeout)
-    rail = new_groups([topo.rail_ranks(i) for i in range(topo.ranks_per_node)], rank, timeout)
+    layout = build_layout(topo, cfg.runtime.moe_tp, rank, device, timeout)
     health.WATCHDOG.current = "idle"
-    return Runtime(
-        cfg=cfg,
-        topo=topo,
-        rank=rank,
-        local_rank=env.local_rank,
-        device=device,
-        launcher=env.launcher,
-        world_group=dist.group.WORLD,
-        intra_group=intra,
-        rail_group=rail,
+    return Runtime(cfg=cfg, layout=layout, device=device, launcher=env.launcher, local_rank=env.local_rank)
+
+
+def sub_runtime(rt: Runtime, group: dist.ProcessGroup) -> Runtime:
+    """A one-rank world of this rank alone over ``group`` (a group that holds only this rank), with every
+    expert local: what the benchmark's one-rank baseline runs in. Nothing of ``rt``'s layout is reused."""
+    cfg = rt.cfg.replace(
+        topology=dataclasses.replace(rt.cfg.topology, nnodes=1, ranks_per_node=1),
+        runtime=dataclasses.replace(rt.cfg.runtime, moe_tp=1, shared_expert_tp=1),
     )
-
-
-_AT_END_RANK: list[Callable[[], None]] = []
-
-
-def at_end_rank(release: Callable[[], None]) -> None:
-    """Have :func:`end_rank` call ``release`` once every rank has arrived: for teardown that all ranks
-    must make together (DeepEP's buffers), which an error path must not attempt."""
-    _AT_END_RANK.append(release)
+    topo = Topology(1, 1, rt.topo.num_experts)
+    layout = build_layout(topo, 1, 0, rt.device, timedelta(seconds=cfg.runtime.timeout_s), world=group)
+    return Runtime(cfg=cfg, layout=layout, device=rt.device, launcher=rt.launcher, local_rank=rt.local_rank)
 
 
 def shutdown_runtime() -> None:
@@ -179,11 +176,11 @@ def shutdown_runtime() -> None:
         dist.destroy_process_group()
 
 
-def end_rank() -> None:
-    """Leave the job together: wait for every rank, release what :func:`at_end_rank` registered (last
-    first), then tear torch.distributed down."""
+def end_rank(rt: Runtime) -> None:
+    """Leave the job together: wait for every rank, release what the EP world's backends hold (DeepEP's
+    buffers: a teardown all ranks make together, which an error path must not attempt), then tear
+    torch.distributed down."""
     if dist.is_initialized():
         dist.barrier()
-    while _AT_END_RANK:
-        _AT_END_RANK.pop()()
+    rt.layout.ep.release_resources()
     shutdown_runtime()

@@ -1,4 +1,5 @@
-"""One GPU: bf16 grouped GEMM and the masked stage against fp32, DeepGEMM FP8, EPMoE on cuda, CUDA graph replay."""
+"""One GPU: bf16 grouped GEMM and the masked stage against fp32, DeepGEMM FP8, FP8 blocks moved to the GPU
+and back, EPMoE on cuda, CUDA graph replay."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 
 from epruntime.config.schema import config_from_dict
 from epruntime.dispatch.base import count_tokens_per_expert
-from epruntime.io.fp8 import deep_gemm_import_error, dequantize_block_fp8, quantize_block_fp8
+from epruntime.io.fp8 import FP8, deep_gemm_import_error, dequantize_block_fp8, quantize_block_fp8
 from epruntime.io.weights import random_state_dict
 from epruntime.layer.cuda_graph import GraphedMoE
 from epruntime.layer.experts import LocalExperts
@@ -115,6 +116,20 @@ def test_fp8_deep_gemm_matches_dequantized_weights() -> None:
     ym = experts.forward_masked(xm, masked_m)
     for e, m in enumerate(masked_m.tolist()):
         assert rel_err(ym[e, :m].cpu(), _expert_fp32(xm[e, :m].cpu(), d13[e], d2[e])) <= 5e-2
+
+
+def test_fp8_block_moves_to_the_gpu_and_back_unchanged() -> None:
+    """``Fp8Block.to`` across devices, as EPMoE's ``w.to(device, dtype)`` loads it: FP8 stays FP8 whatever
+    dtype is asked, values and scales arrive bit for bit, and the GPU dequantizes them as the host does."""
+    block = quantize_block_fp8(torch.randn(130, 260, generator=torch.Generator().manual_seed(6)))
+    on_gpu = block.to(torch.device("cuda"), torch.bfloat16)
+    assert on_gpu.weight.is_cuda and on_gpu.scale_inv.is_cuda
+    assert (on_gpu.weight.dtype, on_gpu.scale_inv.dtype, on_gpu.block) == (FP8, torch.float32, block.block)
+    back = on_gpu.to("cpu")
+    assert not back.weight.is_cuda and not back.scale_inv.is_cuda
+    assert torch.equal(back.weight.view(torch.uint8), block.weight.view(torch.uint8))
+    assert torch.equal(back.scale_inv, block.scale_inv)
+    assert torch.equal(on_gpu.dequantize(torch.float32).cpu(), block.dequantize(torch.float32))
 
 
 @pytest.mark.parametrize("dispatcher", ["flat", "lowlatency"])

@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from epruntime.dispatch import make_dispatcher
-from epruntime.dispatch.deepep import deep_ep_import_error
+from epruntime.dispatch.deepep_limits import deep_ep_import_error
 from epruntime.layer.moe import EPMoE
 from epruntime.layer.reference import reference_moe
 from epruntime.parallel.runtime import Runtime
 from tests.distributed import run_world
-from tests.factories import gpu_config, layer_weights, rel_err, tokens
+from tests.factories import dispatcher_for, gpu_config, layer_weights, rel_err, tokens
 from tests.gpu import gpu_count_reason
 
 pytestmark = pytest.mark.gpu
@@ -30,7 +29,7 @@ def _outputs(rt: Runtime, sd: dict, xs: list[torch.Tensor]) -> dict[str, torch.T
     x = xs[rt.rank].to(rt.device, torch.bfloat16)
     out = {}
     for name in ("flat", "deepep", "deepep_low_latency", "auto"):
-        layer.dispatcher = make_dispatcher(rt, name)
+        layer.dispatcher = dispatcher_for(rt, name)
         out[name] = layer(x).float().cpu()
     return out
 

@@ -1,7 +1,8 @@
 """Run launch scripts as real process trees and check what they leave behind.
 
 ``start`` runs a command in its own session, so ``finish`` can stop the whole tree (agents and ranks)
-if it outlives its deadline; ``verified`` reads the rank-0 JSON summary and checks the world it reports.
+if it outlives its deadline; ``verified`` reads the rank-0 JSON summary and checks the world it reports;
+``failed_at_start`` checks a job that a config disagreeing with its launcher must stop at once.
 """
 
 from __future__ import annotations
@@ -89,3 +90,10 @@ def verified(json_path: Path, world_size: int, nnodes: int) -> dict[str, Any]:
     assert summary["verify"]["ok"], summary["verify"]
     assert (summary["world_size"], summary["nnodes"]) == (world_size, nnodes)
     return summary
+
+
+def failed_at_start(job: Result, line: str, ranks: int) -> None:
+    """``job`` failed, each of its ``ranks`` ranks printing ``line`` once, long before a rendezvous timeout."""
+    assert job.returncode != 0, job.output
+    assert job.output.count(line) == ranks, job.output
+    assert job.seconds < 60, f"a mismatch must fail at once, not at the rendezvous timeout ({job.seconds:.0f} s)"

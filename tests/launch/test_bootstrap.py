@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import pytest
@@ -48,23 +49,37 @@ def sim_2x2():
     return load_config(CPU_SIM, ["topology.nnodes=2", "topology.ranks_per_node=2"])
 
 
-def test_torchrun_multi_node() -> None:
-    env = detect_launcher(TORCHRUN)
-    assert env == LaunchEnv("torchrun", 3, 4, 1, 2, nnodes=2, node_rank=1)
-    assert env.init_method == "env://" and "4 ranks on 2 node(s) x 2" in env.describe()
-    assert reconcile_topology(sim_2x2(), env).topology.world_size == 4
+# Rank 1 of OMPI or HYDRA under ``two_hosts``: node 0 of 2, rendezvous at rank 0's choice.
+MPI_RANK_1 = LaunchEnv(
+    "mpirun", 1, 4, 1, 2, nnodes=2, node_rank=0, rank_nodes=(0, 0, 1, 1), master_addr="a", master_port=1234
+)
+# Each launcher's variables for one rank of two nodes of 2 ranks each, the place they give it, and the
+# start of its rendezvous URL; srun's port comes from the job id (test_srun_head_node_and_port).
+LAUNCHED = {  # id: (variables, expected LaunchEnv, init_method prefix)
+    "torchrun": (TORCHRUN, LaunchEnv("torchrun", 3, 4, 1, 2, nnodes=2, node_rank=1), "env://"),
+    "srun": (SRUN, LaunchEnv("srun", 2, 4, 0, 2, nnodes=2, node_rank=1, master_addr="localhost"), "tcp://localhost:"),
+    "openmpi": (OMPI, MPI_RANK_1, "tcp://a:1234"),
+    "mpich": (HYDRA, MPI_RANK_1, "tcp://a:1234"),
+}
 
 
-def test_srun_without_torchrun() -> None:
-    env = detect_launcher(SRUN)
-    assert (env.launcher, env.rank, env.world_size, env.local_rank, env.local_world_size) == ("srun", 2, 4, 0, 2)
-    assert (env.num_nodes, env.node_rank) == (2, 1)
-    assert env.master_addr == "localhost" and 20000 <= env.master_port < 40000
-    assert env.master_port == detect_launcher({**SRUN, "SLURM_PROCID": "0"}).master_port  # every task agrees
-    assert reconcile_topology(sim_2x2(), env).topology.nnodes == 2
+@pytest.mark.usefixtures("two_hosts")
+@pytest.mark.parametrize(("variables", "expected", "rendezvous"), LAUNCHED.values(), ids=LAUNCHED.keys())
+def test_launcher_variables_place_the_rank(variables: dict[str, str], expected: LaunchEnv, rendezvous: str) -> None:
+    env = detect_launcher(variables)
+    topology = reconcile_topology(sim_2x2(), env).topology
+    assert (topology.world_size, topology.nnodes, topology.ranks_per_node) == (4, 2, 2)
+    line = f"launcher {expected.launcher}: 4 ranks on 2 node(s) x 2, rendezvous {rendezvous}"
+    assert env.init_method.startswith(rendezvous) and env.describe().startswith(line), env.describe()
+    if expected.launcher == "srun":  # every other field as expected
+        env = dataclasses.replace(env, master_port=None)
+    assert env == expected
 
 
 def test_srun_head_node_and_port() -> None:
+    derived = detect_launcher(SRUN).master_port
+    assert 20000 <= derived < 40000
+    assert derived == detect_launcher({**SRUN, "SLURM_PROCID": "0"}).master_port  # every task agrees
     unresolvable = {**SRUN, "SLURM_STEP_NODELIST": "no-such-node-x9[1-2]"}
     assert detect_launcher(unresolvable).master_addr == "127.0.0.1"  # SLURM_LAUNCH_NODE_IPADDR
     given = detect_launcher({**SRUN, "MASTER_ADDR": "head", "MASTER_PORT": "29999"})
@@ -78,15 +93,6 @@ def test_batch_script_and_bare_process_are_one_rank() -> None:
     assert detect_launcher(batch).launcher == "none"
     assert detect_launcher({}) == LaunchEnv("none", 0, 1, 0, 1)
     assert reconcile_topology(load_config(CPU_SIM), detect_launcher({})).topology.world_size == 1
-
-
-@pytest.mark.usefixtures("two_hosts")
-@pytest.mark.parametrize("variables", [OMPI, HYDRA], ids=["openmpi", "mpich"])
-def test_mpirun_nodes_come_from_mpi(variables: dict[str, str]) -> None:
-    env = detect_launcher(variables)
-    assert (env.launcher, env.rank, env.world_size, env.local_rank, env.local_world_size) == ("mpirun", 1, 4, 1, 2)
-    assert (env.nnodes, env.node_rank, env.rank_nodes, env.init_method) == (2, 0, (0, 0, 1, 1), "tcp://a:1234")
-    assert reconcile_topology(sim_2x2(), env).topology.world_size == 4
 
 
 @pytest.mark.usefixtures("two_hosts")
