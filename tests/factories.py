@@ -96,4 +96,5 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def dispatcher_for(rt: Runtime, name: str) -> Dispatcher:
     """Dispatcher ``name`` on ``rt``'s EP world, with the spec of ``rt.cfg``'s layer."""
-    return make_dispatcher(name, rt.layout.ep, dispatch_spec(rt.cfg.model, rt.cfg.runtime.max_tokens_per_rank))
+    spec = dispatch_spec(rt.cfg.model, rt.cfg.runtime.max_tokens_per_rank, rt.topo.num_experts)
+    return make_dispatcher(name, rt.layout.ep, spec)

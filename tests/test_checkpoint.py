@@ -17,7 +17,7 @@ from epruntime.io.checkpoint import CheckpointError, CheckpointReader, checkpoin
 from epruntime.io.fp8 import Fp8Block
 from epruntime.io.weights import expert_weights, gate_weights, shared_weights
 from epruntime.layer.experts import LocalExperts
-from epruntime.parallel.expert_tp import tp_slice, tp_slice_gate_up
+from epruntime.layer.tensor_parallel import tp_slice, tp_slice_gate_up
 from epruntime.parallel.topology import Topology
 from tests.factories import tokens
 from tests.tiny_checkpoints import MOE_LAYERS, TINY, quantize_blocks, write_checkpoints, write_fp8

@@ -11,7 +11,6 @@ import pytest
 
 from epruntime.cli.main import main
 from epruntime.config.schema import ConfigError, MoEConfig, config_from_dict, load_config
-from epruntime.parallel.runtime import LaunchEnv, reconcile_topology
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_SIM = ROOT / "configs" / "cpu-sim.yaml"
@@ -99,17 +98,6 @@ def test_rejections_name_field_and_fix(data: dict, message: str) -> None:
     text = str(info.value)
     assert message in text
     assert "\n" not in text and (";" in text or "?" in text)  # one line, with the fix after the problem
-
-
-def test_launcher_world_must_match_topology() -> None:
-    cfg = config_from_dict(_sim())
-    with pytest.raises(ConfigError, match="launcher started 3 ranks but the config asks for nnodes=2"):
-        reconcile_topology(cfg, LaunchEnv("torchrun", 0, 3, 0, 3))
-    with pytest.raises(ConfigError, match=r"topology\.ranks_per_node: the launcher runs 1 ranks per node"):
-        reconcile_topology(cfg, LaunchEnv("torchrun", 0, 4, 0, 1))
-    assert reconcile_topology(cfg, LaunchEnv("torchrun", 0, 4, 0, 4)) is cfg  # one machine may simulate nodes
-    one = reconcile_topology(cfg, LaunchEnv("none", 0, 1, 0, 1))
-    assert one.topology.world_size == 1
 
 
 def test_cli_config_errors_exit_2_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from epruntime.config.kernel_limits import deep_ep_import_error
 from epruntime.dispatch.base import MaskedDispatchResult
-from epruntime.dispatch.deepep_limits import deep_ep_import_error
 from epruntime.dispatch.lowlatency import CapacityError
 from epruntime.dispatch.registry import NAMES, names_where
 from epruntime.layer.moe import EPMoE

@@ -20,7 +20,7 @@ from epruntime.io.fp8 import (
     stack_weights,
 )
 from epruntime.layer.experts import LocalExperts
-from epruntime.parallel.expert_tp import tp_slice, tp_slice_gate_up
+from epruntime.layer.tensor_parallel import tp_slice, tp_slice_gate_up
 from tests.factories import make_config, rel_err
 
 
@@ -96,7 +96,9 @@ def test_fp8_expert_weights_are_dequantized_at_load_without_deep_gemm() -> None:
     assert torch.equal(from_fp8(x, idx, weights, counts), expected)
 
 
-def test_fp8_block_moves_between_devices_and_stays_fp8() -> None:
+def test_fp8_block_ignores_the_dense_dtype_when_moved() -> None:
+    """EPMoE moves every expert weight with ``w.to(device, dtype)``: a block keeps its FP8 bytes and scales (the
+    move to a GPU and back is tests/gpu/test_cuda_path.py's)."""
     block = quantize_block_fp8(torch.randn(130, 130))
     moved = block.to("cpu")
     assert isinstance(moved, Fp8Block) and moved.shape == (130, 130) and moved.scale_inv.shape == (2, 2)

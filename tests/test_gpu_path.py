@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from epruntime.config import kernel_limits
 from epruntime.config.checks import check_environment
 from epruntime.config.schema import ConfigError, config_from_dict
-from epruntime.dispatch import deepep_limits
 from epruntime.layer import experts as experts_module
 from epruntime.layer.cuda_graph import GraphedMoE
 from epruntime.layer.experts import LocalExperts, grouped_mm_fits
@@ -44,7 +44,7 @@ def fake_gpu(monkeypatch):
 
 @pytest.mark.parametrize("dispatcher", ["deepep", "deepep_low_latency", "auto"])
 def test_deepep_missing_fails_at_config_time_saying_how_to_get_it(fake_gpu, monkeypatch, dispatcher: str) -> None:
-    monkeypatch.setattr(deepep_limits, "deep_ep_import_error", lambda: "ModuleNotFoundError: No module named 'deep_ep'")
+    monkeypatch.setattr(kernel_limits, "deep_ep_import_error", lambda: "ModuleNotFoundError: No module named 'deep_ep'")
     with pytest.raises(ConfigError) as err:
         check_environment(_gpu_config(dispatcher))
     message = str(err.value)
@@ -53,7 +53,7 @@ def test_deepep_missing_fails_at_config_time_saying_how_to_get_it(fake_gpu, monk
 
 
 def test_deepep_shape_limits_are_config_errors(fake_gpu, monkeypatch) -> None:
-    monkeypatch.setattr(deepep_limits, "deep_ep_import_error", lambda: None)
+    monkeypatch.setattr(kernel_limits, "deep_ep_import_error", lambda: None)
     check_environment(_gpu_config("auto"))  # 8 ranks, hidden 7168, top-4: both modes fit
     with pytest.raises(ConfigError, match="hidden sizes"):
         check_environment(_gpu_config("deepep_low_latency", hidden_size=256))
@@ -64,7 +64,7 @@ def test_deepep_shape_limits_are_config_errors(fake_gpu, monkeypatch) -> None:
 
 
 def test_deepep_world_and_low_latency_capacity_limits_are_config_errors(fake_gpu, monkeypatch) -> None:
-    monkeypatch.setattr(deepep_limits, "deep_ep_import_error", lambda: None)
+    monkeypatch.setattr(kernel_limits, "deep_ep_import_error", lambda: None)
     monkeypatch.delenv("NVSHMEM_QP_DEPTH", raising=False)
     cfg = _gpu_config("deepep_low_latency")  # 8 ranks
     with pytest.raises(ConfigError, match=r"max_tokens_per_rank=600: .*NVSHMEM_QP_DEPTH \(1024\); use at most 511"):
@@ -113,9 +113,10 @@ def test_gpu_only_choices_are_rejected_on_cpu() -> None:
 
 
 def test_deep_gemm_missing_fails_at_config_time(fake_gpu, monkeypatch) -> None:
-    from epruntime.io import fp8
 
-    monkeypatch.setattr(fp8, "deep_gemm_import_error", lambda: "ModuleNotFoundError: No module named 'deep_gemm'")
+    monkeypatch.setattr(
+        kernel_limits, "deep_gemm_import_error", lambda: "ModuleNotFoundError: No module named 'deep_gemm'"
+    )
     with pytest.raises(ConfigError, match=r"deep_gemm needs DeepGEMM.*grouped_gemm=auto"):
         check_environment(_gpu_config("flat", "deep_gemm"))
 

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("backend", registry.BACKENDS, ids=lambda b: b.name)
 def test_every_declared_backend_is_a_dispatcher_of_that_name(backend: registry.Backend) -> None:
     module, _, name = backend.factory.partition(":")
-    cls = getattr(importlib.import_module(module), name)
+    cls = getattr(importlib.import_module(f"epruntime.dispatch.{module}"), name)
     assert issubclass(cls, Dispatcher) and cls.name == backend.name
     assert backend.layout in (registry.NORMAL, registry.MASKED, registry.PER_CALL)
     if backend.graph_safe:  # graph capture needs the issue/wait split with nothing read back on the host
@@ -50,7 +50,8 @@ def test_the_config_layer_loads_no_backend() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     loaded = set(eval(out))  # a printed list of module names
-    backends = {b.factory.partition(":")[0] for b in registry.BACKENDS} | {"epruntime.dispatch.local"}
+    backends = {f"epruntime.dispatch.{b.factory.partition(':')[0]}" for b in registry.BACKENDS}
+    backends.add("epruntime.dispatch.local")
     assert not loaded & backends, loaded
 
 

@@ -67,10 +67,44 @@ def format_bench(report: dict[str, Any]) -> str:
             lines.append(
                 f"    vs one rank, same total tokens: {r['single_rank_ms']:.2f} ms -> {r['ratio_to_single_rank']:.2f}x"
             )
+        lines += _placement_lines(r)
+        if "peak_bytes" in r:
+            lines.append(f"    peak memory in the layer {r['peak_bytes'] / 1e6:.2f} MB (fullest rank)")
         cpu = "  ".join(f"{s} {r['cpu_ms_all_ranks'][s]:.1f}" for s in STAGES)
         one = f" (one rank: {r['single_rank_cpu_ms']:.1f})" if "single_rank_cpu_ms" in r else ""
         lines.append(f"    host CPU ms per layer, all ranks: {cpu}{one}")
     return "\n".join(lines)
+
+
+def _placement_lines(r: dict[str, Any]) -> list[str]:
+    """A ``--placements`` case's load balance, and for eplb its ratio to contiguous and its check."""
+    if not r["case"].get("placement"):
+        return []
+    b = r["expert_balance"]
+    pairs = ", ".join(f"{n:,.0f}" for n in b["recv_pairs_per_rank"])
+    lines = [f"    expert load: busiest rank / mean {b['max_over_mean']:.3f} (pairs per rank per call: {pairs})"]
+    if "eplb" in r:
+        e = r["eplb"]
+        lines.append(
+            f"    eplb: {e['slots']} slots ({e['redundant_experts']} redundant, {e['policy']}, placed from "
+            f"{e['placed_from']}), layer time "
+            f"{r['ratio_to_contiguous']:.2f}x contiguous; output differs from contiguous by "
+            f"{r['max_rel_diff_to_contiguous']:.1e} (rel)"
+        )
+    if "verify" in r:
+        v = r["verify"]
+        lines.append(f"    verify: {'ok' if v['ok'] else 'FAILED'} (max rel err {v['max_rel_err']:.2e})")
+    return lines
+
+
+def _note(case: dict[str, Any], ratio: str | None) -> str | None:
+    """The text above a case's bar: its baseline ratio, and with ``--placements`` its load balance."""
+    parts = [ratio] if ratio else []
+    if case["case"].get("placement"):
+        parts.append(f"load {case['expert_balance']['max_over_mean']:.2f}")
+        if "ratio_to_contiguous" in case:
+            parts.append(f"{case['ratio_to_contiguous']:.2f}x contig.")
+    return "\n".join(parts) or None
 
 
 def _baselines(case: dict[str, Any]) -> tuple[dict[str, float], str | None]:
@@ -113,10 +147,13 @@ def plot_bench(report: dict[str, Any], path: str) -> str:
             if first:
                 styles[name] = next(markers)
             ax.scatter([i], [ms], marker=styles[name], s=60, color="dimgray", zorder=4, label=name if first else None)
-        if ratio:
-            ax.annotate(ratio, (i, max(bottom[i], *times.values())), textcoords="offset points", xytext=(0, 6),
+        note = _note(case, ratio)
+        if note:
+            ax.annotate(note, (i, max([bottom[i], *times.values()])), textcoords="offset points", xytext=(0, 6),
                         ha="center", fontsize=8)  # fmt: skip
     ax.set_ylabel("ms per layer (medians, slowest rank)")
+    if any(c["case"].get("placement") for c in cases):
+        ax.set_xlabel("load = busiest rank / mean of the (token, expert) pairs received, same run")
     ranks = f"{report['world_size']} rank{'s' if report['world_size'] > 1 else ''}"
     ax.set_title(f"epruntime bench: {ranks}, {report['dtype']} (stage bars overlap in time)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))

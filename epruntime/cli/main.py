@@ -1,4 +1,5 @@
-"""The ``epruntime`` command: ``run`` (inside a launcher) and ``launch`` (starts the ranks itself)."""
+"""The ``epruntime`` command: ``run`` (inside a launcher), ``launch`` (starts the ranks itself), ``plan``, ``eplb``,
+``bench`` and ``generate``."""
 
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--shared-modes", action="store_true", help="also time overlap/defer/serial shared expert, as ratios to serial"
     )
+    common.add_argument(
+        "--expert-load", metavar="PATH", help="write the (token, expert) pairs per expert as JSON (+ a .png heatmap)"
+    )
     sub.add_parser("run", parents=[common], help="run the EP layer in this process (under torchrun, mpirun, ...)")
     sub.add_parser("launch", parents=[common], help="start all ranks of the config on this machine and run")
     plan = sub.add_parser("plan", parents=[config_args], help="print placement, memory and expected traffic; no launch")
@@ -47,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", dest="json_path", help="write the plan as JSON to this path")
     plan.add_argument("--checkpoint", help="HF DeepSeek-V3 directory: its model, and its weight bytes per rank")
     plan.add_argument("--dtype", help="with --checkpoint: the compute dtype (default: the checkpoint's)")
+    plan.add_argument("--expert-load", metavar="PATH", help="a recorded load: compare placements for it")
+    eplb = sub.add_parser("eplb", parents=[config_args], help="write a balanced expert placement from a recorded load")
+    eplb.add_argument("--expert-load", required=True, metavar="PATH", help="load JSON from `run --expert-load`")
+    eplb.add_argument("--out", required=True, metavar="PLACEMENT.json", help="placement to write (runtime.placement)")
     bench = sub.add_parser(
         "bench", parents=[config_args], help="sweep tokens, dispatchers and shared-expert modes against peers"
     )
@@ -62,6 +70,19 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", default="out/bench.png", help="PNG of stacked stage times ('' for none)")
     bench.add_argument(
         "--single-rank-baseline", action="store_true", help="also time one rank on all tokens and experts"
+    )
+    bench.add_argument(
+        "--placements", help="contiguous,eplb: time an EPLB placement of the contiguous layer's load against it"
+    )
+    bench.add_argument(
+        "--redundant", type=int, help="redundant experts of the eplb placement (default runtime.redundant_experts)"
+    )
+    bench.add_argument(
+        "--eplb-held-out", action="store_true", help="place eplb from other tokens' load, not the timed tokens'"
+    )
+    bench.add_argument("--verify", action="store_true", help="check each placement's output against the reference")
+    bench.add_argument(
+        "--micro-batches", help="runtime.micro_batches values to sweep, e.g. 1,2,4 (default: the config's)"
     )
     gen = sub.add_parser("generate", help="greedy decoding with a HF DeepSeek-V3 checkpoint (in each launched rank)")
     gen.add_argument("--checkpoint", required=True, help="HF DeepSeek-V3 directory: config.json and safetensors")
@@ -85,6 +106,8 @@ def _run_args(args: argparse.Namespace) -> list[str]:
         out.append("--shared-modes")
     if args.json_path:
         out += ["--json", args.json_path]
+    if args.expert_load:
+        out += ["--expert-load", args.expert_load]
     return out
 
 
@@ -96,11 +119,12 @@ def _bench(cfg: Config, args: argparse.Namespace, argv: list[str]) -> int:
     """``bench`` inside a launcher, or started on this machine's ranks when there is none."""
     from epruntime.parallel.runtime import detect_launcher
 
+    placements = _bench_placements(cfg, args.placements, args.redundant)  # checked before any rank starts
     if detect_launcher().launcher == "none" and cfg.topology.world_size > 1:
         from epruntime.cli.launch import launch_local
 
         return launch_local(cfg, argv)
-    from epruntime.cli.bench import bench_main
+    from epruntime.cli.bench import BenchOptions, bench_main
 
     run = cfg.runtime
     try:
@@ -116,9 +140,44 @@ def _bench(cfg: Config, args: argparse.Namespace, argv: list[str]) -> int:
         bad = [v for v in value if v not in choices]
         if bad:
             raise ConfigError(f"{name}: unknown {', '.join(bad)}; choose from {', '.join(choices)}")
+    redundant = cfg.runtime.redundant_experts if args.redundant is None else args.redundant
+    try:
+        chunks = tuple(int(n) for n in _split(args.micro_batches, str(run.micro_batches)))
+    except ValueError:
+        raise ConfigError(f"--micro-batches {args.micro_batches!r}: expected integers, e.g. 1,2,4") from None
+    if any(n < 1 for n in chunks):
+        raise ConfigError(f"--micro-batches {args.micro_batches!r}: each must be >= 1 (1: no pipelining)")
     return bench_main(
-        cfg, tokens, dispatchers, shared, args.reps, args.json_path, args.plot or None, args.single_rank_baseline
+        cfg,
+        tokens,
+        dispatchers,
+        shared,
+        args.reps,
+        args.json_path,
+        args.plot or None,
+        args.single_rank_baseline,
+        BenchOptions(placements, redundant, args.eplb_held_out, args.verify, chunks),
     )
+
+
+def _bench_placements(cfg: Config, text: str | None, redundant: int | None) -> list[str]:
+    """``--placements`` checked: of contiguous and eplb; ``--redundant`` must give a whole share per EP rank."""
+    from epruntime.cli.bench import PLACEMENTS
+
+    placements = _split(text, "")
+    bad = [p for p in placements if p not in PLACEMENTS]
+    if bad:
+        raise ConfigError(f"--placements: unknown {', '.join(bad)}; choose from {', '.join(PLACEMENTS)}")
+    if redundant is not None:
+        ep_world, e = cfg.topology.world_size // cfg.runtime.moe_tp, cfg.model.n_routed_experts
+        if redundant < 0 or (e + redundant) % ep_world:
+            raise ConfigError(
+                f"--redundant {redundant}: {e} experts + {redundant} must be a multiple of the EP world {ep_world}; "
+                f"use e.g. {max(redundant, 0) + (-(e + max(redundant, 0)) % ep_world) or ep_world}"
+            )
+        if "eplb" not in placements:
+            raise ConfigError("--redundant: applies to the eplb placement; add --placements contiguous,eplb")
+    return placements
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
             from epruntime.cli.plan import plan_main
 
             return plan_main(args)
+        if args.command == "eplb":  # reads a load file and writes a placement: no process group
+            from epruntime.cli.eplb import eplb_main
+
+            return eplb_main(args)
         cfg = load_config(args.config, args.overrides)
         check_environment(cfg)
         if args.command == "bench":
@@ -143,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             return launch_local(cfg, ["run", *_run_args(args)])
         from epruntime.cli.run import run_main
 
-        return run_main(cfg, args.verify, args.json_path, args.shared_modes)
+        return run_main(cfg, args.verify, args.json_path, args.shared_modes, args.expert_load)
     except ConfigError as exc:
         print(f"epruntime: error: {exc}", file=sys.stderr, flush=True)
         if dist.is_initialized():  # found after start-up (ranks disagree): leave without tearing down gloo

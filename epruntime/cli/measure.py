@@ -14,10 +14,11 @@ import torch.distributed as dist
 from epruntime.cli.instruments import StageTimer
 from epruntime.config.schema import Config
 from epruntime.dispatch.base import traffic_report
-from epruntime.io.weights import random_state_dict
 from epruntime.layer.moe import EPMoE
 from epruntime.layer.probe import STAGES
 from epruntime.layer.reference import reference_moe
+from epruntime.layer.synthetic import synthetic_state_dict
+from epruntime.parallel import health
 from epruntime.parallel.runtime import Runtime
 
 
@@ -70,14 +71,59 @@ def _reduce(values: list[float], op: dist.ReduceOp, dtype: torch.dtype = torch.f
 
 def verify_output(rt: Runtime, layer_seed: int, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
     """Compare every rank's output with the single-process reference; normwise error over all ranks."""
-    sd = random_state_dict(rt.cfg.model, layer_seed)
-    ref = reference_moe(x.cpu(), sd, rt.cfg.model, rt.topo.experts_per_node)  # [T, H] fp32, on the host
+    m = rt.cfg.model
+    sd = synthetic_state_dict(m, layer_seed, routing_skew=rt.cfg.runtime.routing_skew)
+    ref = reference_moe(x.cpu(), sd, m, m.n_routed_experts // rt.topo.nnodes)  # [T, H] fp32, on the host
     err = (y.float().cpu() - ref).abs().max().item() if len(ref) else 0.0
     scale = ref.abs().max().item() if len(ref) else 0.0
     err, scale = _reduce([err, scale], dist.ReduceOp.MAX)
     rel = err / max(scale, 1e-30)
     tol = TOLERANCE[rt.cfg.model.dtype]
     return {"max_abs_err": err, "max_rel_err": rel, "tolerance": tol, "ok": rel <= tol}
+
+
+def expert_balance(layer: EPMoE) -> tuple[dict[str, Any], list[int]]:
+    """The layer's load counters since its last reset, from every rank (one all-gather; collective): the
+    (token, expert) pairs each rank's expert stage received per call, the busiest rank over the mean, and the
+    pairs per logical expert ``[E]`` summed over the EP world (each token once: the ranks of one expert-TP group
+    share their tokens, so only TP index 0 counts)."""
+    load = layer.load
+    mine = torch.cat([load.routed, load.received.reshape(1)])  # [E + 1] int64, on the device
+    every = torch.zeros(dist.get_world_size() * len(mine), dtype=torch.int64, device=mine.device)  # [W * (E + 1)]
+    health.all_gather_flat(every, mine)
+    every = every.cpu().view(-1, len(mine))  # [W, E + 1]
+    routed = every[:: layer.tp.size, :-1].sum(dim=0)  # [E]: TP groups are consecutive ranks, index 0 first
+    received = every[:, -1].double() / max(load.calls, 1)  # [W] pairs per layer call
+    mean = float(received.mean())
+    busiest = float(received.max()) / mean if mean > 0 else 1.0
+    return {"recv_pairs_per_rank": received.tolist(), "max_over_mean": busiest}, routed.tolist()
+
+
+def layer_stats(layer: EPMoE, timer: StageTimer, x: torch.Tensor, calls: int) -> dict[str, Any]:
+    """The figures of one timed loop of ``calls`` forwards (collective: every rank, after the loop): stage
+    medians of the slowest rank, host CPU per stage summed over ranks, traffic per layer, tokens/s, expert load."""
+    tp = layer.tp.size  # the ranks of one expert-TP group share their tokens
+    medians = timer.medians_ms()
+    slowest = dict(zip(STAGES, _reduce([medians[s] for s in STAGES], dist.ReduceOp.MAX), strict=True))
+    cpu = timer.cpu_medians_ms()
+    cpu_all_ranks = dict(zip(STAGES, _reduce([cpu[s] for s in STAGES], dist.ReduceOp.SUM), strict=True))
+    traffic = layer.dispatcher.traffic.as_tensor()
+    dist.all_reduce(traffic)
+    total_tokens = int(_reduce([float(x.shape[0])], dist.ReduceOp.SUM)[0]) // tp
+    report = traffic_report(torch.div(traffic, calls, rounding_mode="floor"))
+    balance, load = expert_balance(layer)
+    return {
+        "dispatcher": layer.dispatcher.name,
+        "shared_expert": layer.shared_mode,
+        "total_tokens": total_tokens,
+        "timing_ms": slowest,
+        "cpu_ms_all_ranks": cpu_all_ranks,
+        "throughput_tokens_per_s": total_tokens / (slowest["total"] / 1e3) if slowest["total"] else 0.0,
+        "traffic_bytes": report,
+        "traffic_bytes_per_token": {link: report[link] / max(total_tokens, 1) for link in ("intra_node", "inter_node")},
+        "expert_balance": balance,
+        "expert_load": load,  # [E] pairs per logical expert over the counted calls (callers write or drop it)
+    }
 
 
 def measure_layer(
@@ -88,19 +134,18 @@ def measure_layer(
     between: Callable[[int], None] | None = None,
     block: int = 3,
 ) -> tuple[dict[str, Any], torch.Tensor]:
-    """Warm up, time ``iters`` forwards; stage medians of the slowest rank, host CPU per stage summed over
-    ranks, traffic per layer, tokens/s.
+    """Warm up, time ``iters`` forwards and return :func:`layer_stats` and this rank's last output.
 
-    Every rank must call it; every rank gets the same figures, and its own last output. ``between(n)``,
-    when given, runs before each block of ``block`` timed forwards (a contender timed in turns with
-    this layer, ``n`` calls per turn), and is followed by one untimed forward: each side of a turn
-    starts with one call that finds the caches the other side left.
+    Every rank must call it; every rank gets the same figures. The traffic and expert-load counters start
+    after the warm-up. ``between(n)``, when given, runs before each block of ``block`` timed forwards (a
+    contender timed in turns with this layer, ``n`` calls per turn), and is followed by one untimed forward:
+    each side of a turn starts with one call that finds the caches the other side left.
     """
-    tp = layer.tp.size  # the ranks of one expert-TP group share their tokens
     timer = StageTimer(x.device)
     for _ in range(warmup):
         layer(x)
     layer.dispatcher.traffic.reset()
+    layer.load.reset()
     probe, layer.probe = layer.probe, timer
     calls = iters
     for i in range(iters):
@@ -111,24 +156,4 @@ def measure_layer(
             calls += 1
         y = layer(x)
     layer.probe = probe
-    medians = timer.medians_ms()
-    slowest = dict(zip(STAGES, _reduce([medians[s] for s in STAGES], dist.ReduceOp.MAX), strict=True))
-    cpu = timer.cpu_medians_ms()
-    cpu_all_ranks = dict(zip(STAGES, _reduce([cpu[s] for s in STAGES], dist.ReduceOp.SUM), strict=True))
-    traffic = layer.dispatcher.traffic.as_tensor()
-    dist.all_reduce(traffic)
-    total_tokens = int(_reduce([float(x.shape[0])], dist.ReduceOp.SUM)[0]) // tp
-    report = traffic_report(torch.div(traffic, calls, rounding_mode="floor"))
-    stats = {
-        "dispatcher": layer.dispatcher.name,
-        "shared_expert": layer.shared_mode,
-        "total_tokens": total_tokens,
-        "timing_ms": slowest,
-        "cpu_ms_all_ranks": cpu_all_ranks,
-        "throughput_tokens_per_s": total_tokens / (slowest["total"] / 1e3) if slowest["total"] else 0.0,
-        "traffic_bytes": report,
-        "traffic_bytes_per_token": {link: report[link] / max(total_tokens, 1) for link in ("intra_node", "inter_node")},
-    }
-    return stats, y
-
-
+    return layer_stats(layer, timer, x, calls), y

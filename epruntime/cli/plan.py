@@ -12,18 +12,29 @@ import argparse
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from epruntime.cli.eplb import (
+    SlotShape,
+    format_comparison,
+    place,
+    placement_config,
+    predicted_balance,
+    read_expert_load,
+)
 from epruntime.config.schema import Config, ConfigError, load_config
 from epruntime.dispatch import registry
 from epruntime.dispatch.base import Traffic, traffic_report
 from epruntime.dispatch.flat import destinations
 from epruntime.io.fp8 import BLOCK
-from epruntime.io.weights import gate_weights, random_state_dict
+from epruntime.io.weights import gate_weights
 from epruntime.layer.router import route
+from epruntime.layer.synthetic import synthetic_state_dict
+from epruntime.parallel.placement import ExpertPlacement
 from epruntime.parallel.topology import Topology
 
 _MB = 1e6
@@ -37,7 +48,7 @@ def topology_of(cfg: Config) -> Topology:
 def sample_routes(cfg: Config, num_tokens: int) -> torch.Tensor:  # [S, K] int64 global expert ids
     """Route ``num_tokens`` random tokens with the synthetic gate of ``runtime.seed`` (no expert is built)."""
     gate_only = dataclasses.replace(cfg.model, n_shared_experts=0)
-    sd = random_state_dict(gate_only, cfg.runtime.seed, experts=())
+    sd = synthetic_state_dict(gate_only, cfg.runtime.seed, experts=(), routing_skew=cfg.runtime.routing_skew)
     gen = torch.Generator().manual_seed(cfg.runtime.seed)
     x = torch.randn(num_tokens, cfg.model.hidden_size, generator=gen)  # [S, H]
     topk_idx, _ = route(x, *gate_weights(sd, cfg.model), cfg.model, topology_of(cfg).experts_per_node)
@@ -131,24 +142,93 @@ def buffer_rows(topk_idx: torch.Tensor, src_rank: torch.Tensor, topo: Topology) 
     return {"flat": flat_sent + received, "hierarchical": rail_sent + rail_received + forwarded + received}
 
 
-def weight_bytes(cfg: Config) -> dict[str, int]:
-    """Per-rank bytes of one MoE layer: the routed expert slices this rank holds (FP8 with 128 x 128 fp32
-    block scales under ``grouped_gemm: deep_gemm``, else the compute dtype), its share of the shared expert,
-    and the fp32 gate."""
-    m, run = cfg.model, cfg.runtime
-    h, elt, tp = m.hidden_size, m.torch_dtype.itemsize, run.moe_tp
-    inter = m.moe_intermediate_size // tp  # each expert's slice on this rank
-    if run.grouped_gemm == "deep_gemm":  # [2I, H] and [H, I] in e4m3, one fp32 scale per block
+def expert_bytes(cfg: Config) -> int:
+    """Bytes of one routed expert on a rank that holds it (its ``1 / moe_tp`` slice): FP8 with 128 x 128 fp32
+    block scales under ``grouped_gemm: deep_gemm``, else the compute dtype."""
+    m = cfg.model
+    h, inter = m.hidden_size, m.moe_intermediate_size // cfg.runtime.moe_tp  # each expert's slice on this rank
+    if cfg.runtime.grouped_gemm == "deep_gemm":  # [2I, H] and [H, I] in e4m3, one fp32 scale per block
         rows, cols = BLOCK
         blocks = math.ceil(2 * inter / rows) * math.ceil(h / cols) + math.ceil(h / rows) * math.ceil(inter / cols)
-        per_expert = 3 * h * inter + 4 * blocks
-    else:
-        per_expert = 3 * h * inter * elt
-    held = m.n_routed_experts * tp // topology_of(cfg).world_size  # experts of this rank's EP group slot
+        return 3 * h * inter + 4 * blocks
+    return 3 * h * inter * m.torch_dtype.itemsize
+
+
+def weight_bytes(cfg: Config) -> dict[str, int]:
+    """Per-rank bytes of one MoE layer: the routed expert slices this rank holds (:func:`expert_bytes` each), its
+    share of the shared expert, and the fp32 gate."""
+    m, run = cfg.model, cfg.runtime
+    held = (m.n_routed_experts + run.redundant_experts) * run.moe_tp // topology_of(cfg).world_size  # its slots
     return {
-        "routed_experts": held * per_expert,
-        "shared_expert": 3 * h * m.shared_intermediate_size * elt // run.shared_expert_tp,
+        "routed_experts": held * expert_bytes(cfg),
+        "shared_expert": 3
+        * m.hidden_size
+        * m.shared_intermediate_size
+        * m.torch_dtype.itemsize
+        // run.shared_expert_tp,
         "gate": (m.n_routed_experts * m.hidden_size + m.n_routed_experts) * 4,
+    }
+
+
+def routed_with_placement(
+    phy2log: torch.Tensor, shape: SlotShape, topk_idx: torch.Tensor, src_rank: torch.Tensor, row_bytes: int
+) -> dict[str, Any]:
+    """What routes ``topk_idx [S, K]`` from EP ranks ``src_rank [S]`` do once :meth:`ExpertPlacement.choose` has
+    mapped them to the slots of ``phy2log [L, P]``: inter-node payload bytes per token (dispatch + combine) per
+    dispatcher, the mean over the layers' placements; and the busiest EP rank over the mean of the (token, expert)
+    pairs received, median and max over layers."""
+    topo = Topology(shape.nodes, shape.ranks_per_node, phy2log.shape[1])
+    rows, layer_of = torch.unique(phy2log, dim=0, return_inverse=True)  # [D, P] each distinct placement once, [L]
+    per_row = []
+    for row in rows:
+        placed = ExpertPlacement.from_row(row, shape.experts, shape.ep_world, shape.ranks_per_node)
+        slots = torch.empty_like(topk_idx)  # [S, K]
+        for r in range(shape.ep_world):
+            mine = src_rank == r
+            slots[mine] = placed.choose(topk_idx[mine], r)
+        traffic = expected_traffic(slots, src_rank, topo, row_bytes, 0)
+        pairs = torch.bincount(slots.reshape(-1) // placed.slots_per_rank, minlength=shape.ep_world).double()  # [W]
+        per_row.append(({b: t["inter_node"] / len(topk_idx) for b, t in traffic.items()}, pairs.max() / pairs.mean()))
+    per_layer = [per_row[i] for i in layer_of.tolist()]
+    busiest = torch.tensor([b for _, b in per_layer])  # [L]
+    return {
+        "inter_node_bytes_per_token": {b: sum(t[b] for t, _ in per_layer) / len(per_layer) for b in per_row[0][0]},
+        "routed_max_over_mean": {"median": float(busiest.median()), "max": float(busiest.max())},
+    }
+
+
+def compare_placements(
+    cfg: Config, load: torch.Tensor, load_path: str, topk_idx: torch.Tensor, moe_layers: int | None = None
+) -> dict[str, Any]:
+    """Contiguous (when the experts divide over the EP world), hierarchical and global placements of ``load
+    [L, E]``: busiest EP rank over the mean from the load (each expert's load split evenly over its replicas), and
+    from the sampled routes ``topk_idx [S, K]`` after replica choice, with their inter-node bytes per token; and what
+    the redundant slots cost in memory."""
+    shape = SlotShape.of(cfg)
+    src_rank = torch.arange(len(topk_idx)) % shape.ep_world  # [S] sampled tokens spread evenly over EP ranks
+    row_bytes = cfg.model.hidden_size * cfg.model.torch_dtype.itemsize
+    candidates = {"hierarchical": place(load, shape), "global": place(load, shape, hierarchical=False)}
+    if shape.experts % shape.ep_world == 0:
+        identity = torch.arange(shape.experts).expand(len(load), -1)  # [L, E]: R = 0, slot p holds expert p
+        candidates = {"contiguous": identity, **candidates}
+    rows = {}
+    for name, phy2log in candidates.items():
+        rows[name] = {
+            "policy": "R = 0, slot p holds expert p" if name == "contiguous" else shape.policy(name == "hierarchical"),
+            "max_over_mean": predicted_balance(load, phy2log, shape.ep_world),
+            **routed_with_placement(phy2log, shape, topk_idx, src_rank, row_bytes),
+        }
+    one = expert_bytes(cfg)
+    return {
+        "path": load_path,
+        "layers": len(load),
+        "redundant_experts": shape.redundant,
+        "slots": shape.slots,
+        "ep_world": shape.ep_world,
+        "placements": rows,
+        "bytes_per_redundant_expert": one,  # per MoE layer, on the rank that holds it
+        "redundant_bytes_per_rank": shape.redundant / shape.ep_world * one * (moe_layers or 1),
+        "moe_layers": moe_layers,
     }
 
 
@@ -172,8 +252,11 @@ def placement(cfg: Config) -> list[dict[str, Any]]:
     return nodes
 
 
-def make_plan(cfg: Config, samples: int) -> dict[str, Any]:
-    """Everything ``epruntime plan`` prints, as a JSON-ready dict (bytes per layer over all ranks)."""
+def make_plan(
+    cfg: Config, samples: int, expert_load: str | None = None, moe_layers: int | None = None
+) -> dict[str, Any]:
+    """Everything ``epruntime plan`` prints, as a JSON-ready dict (bytes per layer over all ranks); with
+    ``expert_load`` (a load file of 1 or ``moe_layers`` rows) also :func:`compare_placements` for it."""
     if samples <= 0:
         raise ConfigError(f"--samples: must be positive, got {samples}; pass e.g. --samples 4096")
     m, topo = cfg.model, topology_of(cfg)
@@ -190,7 +273,7 @@ def make_plan(cfg: Config, samples: int) -> dict[str, Any]:
     rows = buffer_rows(topk_idx, src_rank, topo)
     buffers = {b: round(float(r.max()) * scale) * (row_bytes + meta_bytes) for b, r in rows.items()}
     needs_node = destinations(topk_idx, topo.experts_per_node, topo.nnodes)  # [S, N]
-    return {
+    plan = {
         "world_size": topo.world_size,
         "nnodes": topo.nnodes,
         "ranks_per_node": topo.ranks_per_node,
@@ -206,6 +289,10 @@ def make_plan(cfg: Config, samples: int) -> dict[str, Any]:
         "traffic_bytes": traffic,
         "inter_node_bytes_per_token": {b: t["inter_node"] / max(batch, 1) for b, t in traffic.items()},
     }
+    if expert_load:
+        load = read_expert_load(expert_load, m.n_routed_experts, moe_layers)  # [L, E]
+        plan["expert_load"] = compare_placements(cfg, load, expert_load, topk_idx, moe_layers)
+    return plan
 
 
 def _span(first: int, last: int) -> str:
@@ -260,6 +347,8 @@ def format_plan(p: dict[str, Any]) -> str:
             f"{most['routed_experts'] / _MB:,.1f} MB, replicated {most['replicated'] / _MB:,.1f} MB; "
             f"total {most['total'] / _MB:,.1f} MB"
         )
+    if "expert_load" in p:
+        lines += format_comparison(p["expert_load"])
     return "\n".join(lines)
 
 
@@ -274,20 +363,26 @@ def _checkpoint_section(reader: Any, cfg: Config) -> dict[str, Any]:
 
 def plan_main(args: argparse.Namespace) -> int:
     """Entry point of ``epruntime plan``: print the plan (and write it as JSON); returns the exit status.
-    With ``--checkpoint`` the model comes from its config.json and the whole model's weights are sized."""
+    With ``--checkpoint`` the model comes from its config.json and the whole model's weights are sized; with
+    ``--expert-load`` the placements for that load are compared (``runtime.redundant_experts`` slots)."""
+
+    def config(load: Callable[[list[str]], Config]) -> Config:  # R > 0 with no placement file is the question
+        return placement_config(load, args.overrides) if args.expert_load else load(args.overrides)
+
     if args.checkpoint:
         from epruntime.cli.checkpoint_config import generate_config
         from epruntime.io.checkpoint import CheckpointError, CheckpointReader
 
         try:
             reader = CheckpointReader(args.checkpoint)
-            cfg = generate_config(reader, args.config, args.overrides, args.dtype)
-            p = make_plan(cfg, args.samples)
+            cfg = config(lambda overrides: generate_config(reader, args.config, overrides, args.dtype))
+            moe_layers = sum(reader.is_moe_layer(i) for i in range(reader.num_layers))
+            p = make_plan(cfg, args.samples, args.expert_load, moe_layers)
             p["checkpoint"] = _checkpoint_section(reader, cfg)
         except CheckpointError as exc:
             raise ConfigError(str(exc)) from None
     else:
-        p = make_plan(load_config(args.config, args.overrides), args.samples)
+        p = make_plan(config(lambda overrides: load_config(args.config, overrides)), args.samples, args.expert_load)
     print(format_plan(p), flush=True)
     if args.json_path:
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)

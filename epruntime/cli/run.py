@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from epruntime.cli.heatmap import write_expert_load
 from epruntime.cli.measure import measure_layer, synthetic_tokens, verify_output
 from epruntime.cli.shared_modes import compare_shared_modes, format_shared_modes
 from epruntime.config.schema import Config, config_to_dict
@@ -17,7 +18,8 @@ from epruntime.parallel.runtime import Runtime, end_rank, init_runtime
 
 
 def run_layer(rt: Runtime, verify: bool, shared_modes: bool = False) -> dict[str, Any]:
-    """Time ``runtime.iters`` forwards on synthetic weights and tokens and gather the summary (every rank)."""
+    """Time ``runtime.iters`` forwards on synthetic weights and tokens and gather the summary (every rank);
+    ``expert_load`` holds the pairs per logical expert over the timed forwards, summed over the EP world."""
     cfg = rt.cfg
     layer = EPMoE.random(cfg.model, rt, seed=cfg.runtime.seed)
     layer.probe = StageMarks()  # failures name the stage; measure_layer times the loop
@@ -33,6 +35,8 @@ def run_layer(rt: Runtime, verify: bool, shared_modes: bool = False) -> dict[str
         **stats,
         "config": config_to_dict(cfg),
     }
+    if layer.rebalancer is not None:
+        summary["rebalance"] = layer.rebalancer.events
     if shared_modes:
         summary["shared_modes"] = compare_shared_modes(layer, x, cfg.runtime.iters)
     if verify:
@@ -65,6 +69,12 @@ def format_summary(s: dict[str, Any]) -> str:
         f"per token  intra-node {per_token['intra_node']:,.0f} B  inter-node {per_token['inter_node']:,.0f} B  "
         f"(dispatch + combine payload)"
     )
+    if "expert_balance" in s:
+        b = s["expert_balance"]
+        pairs = ", ".join(f"{n:,.0f}" for n in b["recv_pairs_per_rank"])
+        lines.append(f"expert load: busiest rank / mean {b['max_over_mean']:.3f}  (pairs per rank per call: {pairs})")
+    for event in s.get("rebalance", []):
+        lines.append("rebalance: " + ", ".join(f"{k} {v}" for k, v in event.items()))
     if "shared_modes" in s:
         lines.append(format_shared_modes(s["shared_modes"]))
     if "verify" in s:
@@ -74,13 +84,21 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_main(cfg: Config, verify: bool, json_path: str | None, shared_modes: bool = False) -> int:
-    """Entry point of ``epruntime run`` inside a launched rank; returns the exit status."""
+def run_main(
+    cfg: Config, verify: bool, json_path: str | None, shared_modes: bool = False, expert_load: str | None = None
+) -> int:
+    """Entry point of ``epruntime run`` inside a launched rank; returns the exit status. ``expert_load``: write
+    the load per logical expert (one row: a standalone layer) there, with a heatmap beside it."""
     rt = init_runtime(cfg)
     rt.log(f"{rt.layout.describe()}, launcher {rt.launcher}, pid {os.getpid()}")
     summary = health.run_or_exit(lambda: run_layer(rt, verify, shared_modes))
+    load = summary.pop("expert_load")  # [E]
     if rt.rank == 0:
         print(format_summary(summary), flush=True)
+        if expert_load:
+            calls = cfg.runtime.iters
+            for line in write_expert_load(expert_load, [load], calls=calls, world_size=rt.world_size):
+                print(line, flush=True)
         if json_path:
             Path(json_path).parent.mkdir(parents=True, exist_ok=True)
             Path(json_path).write_text(json.dumps(summary, indent=2))

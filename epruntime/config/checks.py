@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from epruntime.config import dispatchers as registry
+from epruntime.config import kernel_limits
 from epruntime.config.errors import ConfigError
-from epruntime.dispatch import registry
+from epruntime.config.placement_file import CONTIGUOUS, FIX, read_phy2log
 
 if TYPE_CHECKING:
     from epruntime.config.schema import Config, MoEConfig
+
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
@@ -89,13 +92,6 @@ def validate(cfg: Config) -> None:
     validate_model(m)
     _require(topo.nnodes > 0, f"topology.nnodes: must be positive, got {topo.nnodes}")
     _require(topo.ranks_per_node > 0, f"topology.ranks_per_node: must be positive, got {topo.ranks_per_node}")
-    world = topo.world_size
-    _require(
-        m.n_routed_experts % world == 0,
-        f"model.n_routed_experts: {m.n_routed_experts} experts are not divisible by the world size {world} "
-        f"(topology.nnodes={topo.nnodes} x topology.ranks_per_node={topo.ranks_per_node}); "
-        f"use a world size that divides {m.n_routed_experts}",
-    )
     _validate_node_limit(m, topo.nnodes)
     _require(
         not (topo.device == "cpu" and topo.backend == "nccl"),
@@ -114,7 +110,62 @@ def validate(cfg: Config) -> None:
     _require(run.iters > 0, f"runtime.iters: must be positive, got {run.iters}")
     _require(run.warmup >= 0, f"runtime.warmup: must be >= 0, got {run.warmup}")
     _require(run.timeout_s > 0, f"runtime.timeout_s: must be positive, got {run.timeout_s}")
+    sms = run.deepep_num_sms
+    _require(
+        sms > 0 and sms % 2 == 0,
+        f"runtime.deepep_num_sms: must be a positive even number (DeepEP pairs SMs), got {sms}",
+    )
+    chunks = run.micro_batches
+    _require(chunks > 0, f"runtime.micro_batches: must be positive (1: no pipelining), got {chunks}")
     _validate_tensor_parallel(cfg)
+    _validate_placement(cfg)
+
+
+def _validate_placement(cfg: Config) -> None:
+    """Physical expert slots: ``E + R`` of them, an equal share per EP rank, and the placement file's rows."""
+    m, topo, run = cfg.model, cfg.topology, cfg.runtime
+    e, r = m.n_routed_experts, run.redundant_experts
+    _require(r >= 0, f"runtime.redundant_experts: must be >= 0, got {r}")
+    ep_world = topo.world_size // run.moe_tp
+    if (e + r) % ep_world:
+        if r == 0:
+            raise ConfigError(
+                f"model.n_routed_experts: {e} experts are not divisible by the world size {topo.world_size} "
+                f"(topology.nnodes={topo.nnodes} x topology.ranks_per_node={topo.ranks_per_node}, EP world "
+                f"{ep_world}); use a world size that divides {e}, or set runtime.redundant_experts to "
+                f"{-e % ep_world} (+ a multiple of {ep_world}) with a runtime.placement"
+            )
+        raise ConfigError(
+            f"runtime.redundant_experts: {e} experts + {r} redundant = {e + r} slots are not divisible by the EP "
+            f"world of {ep_world} ranks; use {r + (-(e + r) % ep_world)} or another value making E + R a multiple"
+        )
+    _require(run.rebalance_every >= 0, f"runtime.rebalance_every: must be >= 0 (0 is off), got {run.rebalance_every}")
+    _require(run.load_window > 0, f"runtime.load_window: must be positive, got {run.load_window}")
+    _require(run.routing_skew >= 0, f"runtime.routing_skew: must be >= 0 (0 is uniform), got {run.routing_skew}")
+    if run.placement == CONTIGUOUS:
+        _require(
+            r == 0 or run.rebalance_every > 0,
+            f"runtime.redundant_experts: {r} extra slots need a placement that uses them; set runtime.placement to a "
+            f"file ({FIX}) or runtime.rebalance_every to place them online",
+        )
+        return
+    rows = read_phy2log(run.placement, e, e + r)
+    if m.max_nodes_per_token is not None:
+        _check_node_limited_placement(rows, e, e + r, topo.nnodes, run.placement)
+
+
+def _check_node_limited_placement(rows: list[list[int]], e: int, slots: int, nnodes: int, path: str) -> None:
+    """Node-limited routing picks nodes by contiguous blocks of logical experts: every replica must stay home."""
+    experts_per_node, slots_per_node = e // nnodes, slots // nnodes
+    for i, row in enumerate(rows):
+        for p, expert in enumerate(row):
+            if expert // experts_per_node != p // slots_per_node:
+                raise ConfigError(
+                    f"runtime.placement: {path} row {i} puts expert {expert} on node {p // slots_per_node}, but "
+                    f"model.max_nodes_per_token routes by node, so each expert's replicas must stay on its node "
+                    f"{expert // experts_per_node}; place replicas within each node (epruntime eplb does with "
+                    f"max_nodes_per_token set) or unset max_nodes_per_token"
+                )
 
 
 def _validate_tensor_parallel(cfg: Config) -> None:
@@ -177,6 +228,4 @@ def check_environment(cfg: Config) -> None:
             )
     registry.check_dispatcher_machine(cfg.runtime.dispatcher, cfg)
     if cfg.runtime.grouped_gemm == "deep_gemm":
-        from epruntime.io.fp8 import check_deep_gemm
-
-        check_deep_gemm(cfg)
+        kernel_limits.check_deep_gemm(cfg)

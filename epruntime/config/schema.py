@@ -18,8 +18,8 @@ from typing import Any
 import yaml
 
 from epruntime.config.checks import validate, validate_model
+from epruntime.config.dispatchers import NAMES as DISPATCHERS
 from epruntime.config.errors import ConfigError
-from epruntime.dispatch.registry import NAMES as DISPATCHERS
 
 DTYPES = ("float32", "bfloat16", "float16")
 SCORING_FUNCS = ("sigmoid", "softmax")
@@ -110,6 +110,13 @@ class RuntimeConfig:
     shared_expert_tp: int = 1  # 1: shared expert replicated (added after the TP all-reduce); moe_tp: sharded
     check_finite: bool = False  # check every layer's input and output for NaN/Inf (one small all-gather each)
     deterministic: bool = False  # deterministic kernels: bit-identical outputs across runs at one world size
+    deepep_num_sms: int = 20  # SMs DeepEP's normal-mode kernels use (even; DeepEP's default 20); buffers sized after it
+    micro_batches: int = 1  # chunks a layer's tokens are software-pipelined in (1: one batch)
+    redundant_experts: int = 0  # R: E + R physical expert slots, (E + R) / EP world per rank
+    placement: str = "contiguous"  # "contiguous" (slot p holds expert p) or a JSON file {"phy2log": [[...]]}
+    routing_skew: float = 0.0  # synthetic weights only: expert popularity follows Zipf(routing_skew)
+    rebalance_every: int = 0  # forward calls between online rebalances (0: off)
+    load_window: int = 1000  # forward calls of expert load a rebalance looks back on
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from epruntime.dispatch.base import (
     InFlight,
     MaskedDispatchResult,
 )
-from epruntime.dispatch.deepep import DeepEPDispatcher, DeepEPLowLatencyDispatcher
+from epruntime.dispatch.deepep import DEFAULT_NUM_SMS, DeepEPDispatcher, DeepEPLowLatencyDispatcher
 from epruntime.dispatch.flat import FlatDispatcher
 from epruntime.dispatch.lowlatency import LowLatencyDispatcher
 from epruntime.parallel.layout import EPView
@@ -43,11 +43,13 @@ class AutoDispatcher(AsyncDispatcher):
 
     name = "auto"
 
-    def __init__(self, ep: EPView, spec: DispatchSpec) -> None:
+    def __init__(self, ep: EPView, spec: DispatchSpec, num_sms: int = DEFAULT_NUM_SMS, use_fp8: bool = False) -> None:
         super().__init__(ep, spec)
-        gpu = ep.device.type == "cuda"
-        self.normal = (DeepEPDispatcher if gpu else FlatDispatcher)(ep, spec)
-        self.low_latency = (DeepEPLowLatencyDispatcher if gpu else LowLatencyDispatcher)(ep, spec)
+        if ep.device.type == "cuda":  # DeepEP's pair, with its options
+            self.normal: Dispatcher = DeepEPDispatcher(ep, spec, num_sms=num_sms)
+            self.low_latency: Dispatcher = DeepEPLowLatencyDispatcher(ep, spec, use_fp8=use_fp8)
+        else:
+            self.normal, self.low_latency = FlatDispatcher(ep, spec), LowLatencyDispatcher(ep, spec)
         self.normal.traffic = self.low_latency.traffic = self.traffic
         self.threshold = spec.capacity
 

@@ -34,9 +34,13 @@ class DispatchResult:
     tokens_per_expert: torch.Tensor  # [E_local] int64 (row, k) pairs per local expert
     handle: Any  # backend-specific: what combine needs to send results back
 
+    def pairs_on_device(self) -> torch.Tensor:  # [] int64
+        """(token, local expert) pairs received, as a device scalar (no host sync)."""
+        return self.tokens_per_expert.sum()
+
     def num_pairs(self) -> int:
         """(token, local expert) pairs received (reads the count on the host)."""
-        return int(self.tokens_per_expert.sum())
+        return int(self.pairs_on_device())
 
 
 @dataclass
@@ -49,13 +53,17 @@ class MaskedDispatchResult:
     applies the routing weights and sums them back to the source tokens.
     """
 
-    recv_x: torch.Tensor  # [E_local, C, H] activation dtype
+    recv_x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # [E_local, C, H]; or DeepEP's FP8 (rows, scales)
     masked_m: torch.Tensor  # [E_local] int32 valid rows per local expert (DeepEP's recv_count)
     handle: Any  # backend-specific: what combine needs to weight and send results back
 
+    def pairs_on_device(self) -> torch.Tensor:  # [] int64
+        """(token, local expert) pairs received: the valid rows, as a device scalar (no host sync)."""
+        return self.masked_m.sum().long()
+
     def num_pairs(self) -> int:
         """(token, local expert) pairs received: the valid rows (reads the count on the host)."""
-        return int(self.masked_m.sum())
+        return int(self.pairs_on_device())
 
 
 @dataclass
@@ -245,6 +253,10 @@ class Dispatcher(ABC):
 
     def __init__(self, ep: EPView, spec: DispatchSpec) -> None:
         self.ep, self.spec = ep, spec
+        if spec.num_experts % ep.world_size:
+            raise ValueError(f"{spec.num_experts} expert slots do not divide over the EP world of {ep.world_size}")
+        self.slots_per_rank = spec.num_experts // ep.world_size  # E_local: slot p lives on EP rank p // this
+        self.slots_per_node = self.slots_per_rank * ep.topo.ranks_per_node
         self.traffic = Traffic(on_device=torch.zeros(len(PHASES), len(LINKS), dtype=torch.int64, device=ep.device))
         links = [self._link(r) for r in range(ep.world_size)]
         self._link_of_rank = torch.tensor(  # [2, W] 1 where a send to rank r crosses that link
@@ -292,7 +304,7 @@ class Dispatcher(ABC):
         """Add one message of ``row_bytes`` + ``meta_bytes`` per (token, expert) pair of ``topk_idx [T, K]`` (-1:
         none) to the expert's rank: DeepEP's low-latency layout. Computed on the device, no host sync."""
         pairs = (topk_idx >= 0).reshape(-1).long()  # [T * K]
-        dest = torch.div(topk_idx.clamp(min=0), self.ep.topo.experts_per_rank, rounding_mode="floor").reshape(-1)
+        dest = torch.div(topk_idx.clamp(min=0), self.slots_per_rank, rounding_mode="floor").reshape(-1)
         per_rank = torch.zeros(self.ep.world_size, dtype=torch.int64, device=topk_idx.device)
         per_rank.scatter_add_(0, dest.long(), pairs)  # [W] pairs sent to each rank
         intra, inter = (self._link_of_rank * per_rank).sum(dim=1)  # pairs crossing each link

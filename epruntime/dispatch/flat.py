@@ -40,7 +40,7 @@ class FlatDispatcher(AsyncDispatcher):
     name = "flat"
 
     def dispatch_a(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> InFlight:
-        world, e_local = self.ep.world_size, self.ep.topo.experts_per_rank
+        world, e_local = self.ep.world_size, self.slots_per_rank
         needs = destinations(topk_idx.cpu(), e_local, world)  # [T, W]
         hop = Hop.plan(needs, self.ep.world, list(range(world)), x.device)
         rows = hop.src_row

@@ -48,9 +48,9 @@ class HierarchicalDispatcher(AsyncDispatcher):
 
     def dispatch_a(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> InFlight:
         ep, topo = self.ep, self.ep.topo
-        e_local, row_bytes = topo.experts_per_rank, x.shape[1] * x.element_size()
+        e_local, row_bytes = self.slots_per_rank, x.shape[1] * x.element_size()
         rail = Hop.plan(
-            destinations(topk_idx.cpu(), topo.experts_per_node, topo.nnodes),  # [T, N]
+            destinations(topk_idx.cpu(), self.slots_per_node, topo.nnodes),  # [T, N]
             ep.rail,
             topo.rail_ranks(ep.local_index),
             x.device,

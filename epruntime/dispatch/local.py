@@ -27,7 +27,7 @@ class LocalDispatcher(Dispatcher):
         topk_idx: torch.Tensor,  # [T, K] global ids, which are the local ids here
         topk_weights: torch.Tensor,  # [T, K]
     ) -> DispatchResult:
-        tokens_per_expert = count_tokens_per_expert(topk_idx, self.ep.topo.experts_per_rank)  # [E]
+        tokens_per_expert = count_tokens_per_expert(topk_idx, self.slots_per_rank)  # [E]
         return DispatchResult(x, topk_idx, topk_weights.float(), tokens_per_expert, handle=None)
 
     def combine(self, y: torch.Tensor, handle: None) -> torch.Tensor:  # [T, H] -> [T, H]

@@ -114,7 +114,7 @@ class LowLatencyDispatcher(AsyncDispatcher):
         return out, dist.all_to_all_single(out, block, group=self.ep.world, async_op=True)
 
     def dispatch_a(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> InFlight:
-        world, e_local, m = self.ep.world_size, self.ep.topo.experts_per_rank, self.capacity
+        world, e_local, m = self.ep.world_size, self.slots_per_rank, self.capacity
         t, h = x.shape
         check_capacity(t, m, self.name)
         ids, weights = block_routing(topk_idx, topk_weights, world, e_local, m)  # [W, M, K] each

@@ -4,8 +4,9 @@ A block-quantized weight ``[..., N, K]`` (float8_e4m3fn) comes with ``scale_inv 
 ceil(K/128)]`` fp32: the real value of every element is ``weight * scale_inv`` of its block (the
 checkpoint's ``weight_scale_inv`` is that multiplier, and DeepGEMM takes it as the weight's scale
 factor as is). Activations for DeepGEMM are quantized per token and 128 channels (1 x 128 groups).
-Quantization, dequantization and the contiguous-layout arithmetic run on CPU; the DeepGEMM calls
-need a Hopper (SM90) GPU and the ``deep_gemm`` package.
+Quantization, dequantization and the contiguous-layout arithmetic run on CPU; the DeepGEMM calls (FP8
+contiguous and masked, and the bf16 masked kernel the low-latency layout uses without FP8) need a Hopper
+(SM90) GPU and the ``deep_gemm`` package.
 
 A checkpoint's routed-expert weights travel as :class:`Fp8Block` from the reader to the experts,
 stacked, concatenated and TP-sliced by :func:`stack_weights`, :func:`cat_rows` and
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from epruntime.config.schema import Config
+    pass
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -166,78 +167,64 @@ def aligned_layout(counts: torch.Tensor, alignment: int) -> tuple[torch.Tensor, 
     return dest, m_indices
 
 
-def deep_gemm_import_error() -> str | None:
-    """Why ``import deep_gemm`` fails here, or None when it works."""
-    try:
-        import deep_gemm  # noqa: F401
-    except Exception as exc:  # an ImportError, or a CUDA error from a build that does not match this machine
-        return f"{type(exc).__name__}: {exc}".splitlines()[0]
-    return None
-
-
-def check_deep_gemm(cfg: Config) -> None:
-    """``runtime.grouped_gemm: deep_gemm`` needs the package, a Hopper GPU and 128-aligned shapes."""
-    from epruntime.config.errors import ConfigError
-
-    reason = deep_gemm_import_error()
-    if reason is not None:
-        raise ConfigError(
-            f"runtime.grouped_gemm: deep_gemm needs DeepGEMM, but import deep_gemm failed ({reason}); use the GPU "
-            f"image (docker/README.md) or pip install DeepGEMM from source, or set runtime.grouped_gemm=auto"
-        )
-    major, _ = torch.cuda.get_device_capability()
-    if major != 9:
-        raise ConfigError(
-            f"runtime.grouped_gemm: deep_gemm is wired for Hopper (SM90) FP32 block scales, this GPU is SM{major}x; "
-            f"set runtime.grouped_gemm=auto"
-        )
-    m = cfg.model
-    intermediate = m.moe_intermediate_size // cfg.runtime.moe_tp
-    if m.hidden_size % 128 or intermediate % 128:
-        raise ConfigError(
-            f"runtime.grouped_gemm: deep_gemm needs model.hidden_size ({m.hidden_size}) and the per-rank "
-            f"moe_intermediate_size ({intermediate}) to be multiples of 128; set runtime.grouped_gemm=auto"
-        )
-
-
-def deep_gemm_grouped_contiguous(
-    x: torch.Tensor,  # [N, K] bf16 rows in expert-contiguous order
-    w: Fp8Block,  # [E, D_out, K]
-    counts: torch.Tensor,  # [E] rows per expert
-) -> torch.Tensor:  # [N, D_out] bf16
-    """Per-expert ``x_e @ w_e.T`` through ``deep_gemm.m_grouped_fp8_gemm_nt_contiguous`` (rows re-laid aligned)."""
+def deep_gemm_alignment() -> int:
+    """The M alignment of every expert's segment in DeepGEMM's contiguous layout (``aligned_layout``'s)."""
     import deep_gemm
 
-    if x.shape[0] == 0:
-        return x.new_empty(0, w.shape[1])
-    dest, m_indices = aligned_layout(counts, deep_gemm.get_mk_alignment_for_contiguous_layout())
-    padded = x.new_zeros(len(m_indices), x.shape[1])  # [M_pad, K]; zero padding keeps its scales regular
-    padded[dest] = x
-    out = torch.empty(len(m_indices), w.shape[1], dtype=torch.bfloat16, device=x.device)  # [M_pad, D_out]
+    return deep_gemm.get_mk_alignment_for_contiguous_layout()
+
+
+def deep_gemm_aligned_contiguous(
+    x: torch.Tensor,  # [M_pad, K] bf16 rows already in DeepGEMM's contiguous layout, padding rows zero
+    w: Fp8Block,  # [E, D_out, K]
+    m_indices: torch.Tensor,  # [M_pad] int32 expert of each row, -1 on padding (see aligned_layout)
+) -> torch.Tensor:  # [M_pad, D_out] bf16, padding rows unspecified
+    """Per-expert ``x_e @ w_e.T`` through ``deep_gemm.m_grouped_fp8_gemm_nt_contiguous`` on rows laid out by the
+    caller once for all its GEMMs (no re-layout here)."""
+    import deep_gemm
+
+    out = torch.empty(x.shape[0], w.shape[1], dtype=torch.bfloat16, device=x.device)
     deep_gemm.m_grouped_fp8_gemm_nt_contiguous(
-        quantize_per_token_fp8(padded), (w.weight, w.scale_inv), out, m_indices, disable_ue8m0_cast=True
+        quantize_per_token_fp8(x), (w.weight, w.scale_inv), out, m_indices, disable_ue8m0_cast=True
     )
-    return out[dest]
+    return out
+
+
+MaskedRows = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # [E, C, K] bf16, or (FP8 [E, C, K], fp32 [E, C, K/128])
 
 
 def deep_gemm_grouped_masked(
-    x: torch.Tensor,  # [E, C, K] bf16; rows past masked_m[e] are ignored
+    x: MaskedRows,  # rows past masked_m[e] are ignored; an FP8 pair (DeepEP's FP8 dispatch) is taken as it is
     w: Fp8Block,  # [E, D_out, K]
     masked_m: torch.Tensor,  # [E] int32 valid rows per expert
     expected_m: int,  # typical valid rows per expert (a tuning hint)
 ) -> torch.Tensor:  # [E, C, D_out] bf16, rows past masked_m[e] unspecified
-    """Per-expert ``x_e[:m_e] @ w_e.T`` through ``deep_gemm.m_grouped_fp8_gemm_nt_masked``: no host sync."""
+    """Per-expert ``x_e[:m_e] @ w_e.T`` through ``deep_gemm.m_grouped_fp8_gemm_nt_masked``: no host sync. bf16
+    rows are quantized per token and 128 channels first; DeepEP's FP8 pair (scales MN-major) goes in as is."""
     import deep_gemm
 
-    e, c, k = x.shape
-    q, scale = quantize_per_token_fp8(x.reshape(e * c, k))
-    out = torch.empty(e, c, w.shape[1], dtype=torch.bfloat16, device=x.device)
+    if isinstance(x, tuple):
+        q, scale = x
+    else:
+        e, c, k = x.shape
+        q, scale = (t.view(e, c, -1) for t in quantize_per_token_fp8(x.reshape(e * c, k)))
+    out = torch.empty(*q.shape[:2], w.shape[1], dtype=torch.bfloat16, device=q.device)
     deep_gemm.m_grouped_fp8_gemm_nt_masked(
-        (q.view(e, c, k), scale.view(e, c, -1)),
-        (w.weight, w.scale_inv),
-        out,
-        masked_m.to(torch.int32),
-        max(1, expected_m),
-        disable_ue8m0_cast=True,
+        (q, scale), (w.weight, w.scale_inv), out, masked_m.to(torch.int32), max(1, expected_m), disable_ue8m0_cast=True
     )
+    return out
+
+
+def deep_gemm_bf16_masked(
+    x: torch.Tensor,  # [E, C, K] bf16, rows past masked_m[e] ignored
+    w: torch.Tensor,  # [E, D_out, K] bf16
+    masked_m: torch.Tensor,  # [E] int32 valid rows per expert
+    expected_m: int,  # typical valid rows per expert (a tuning hint)
+) -> torch.Tensor:  # [E, C, D_out] bf16, rows past masked_m[e] unspecified
+    """Per-expert ``x_e[:m_e] @ w_e.T`` through ``deep_gemm.m_grouped_bf16_gemm_nt_masked``: only the valid rows
+    are computed, and ``masked_m`` is read on the device (CUDA-graph safe)."""
+    import deep_gemm
+
+    out = torch.empty(*x.shape[:2], w.shape[1], dtype=torch.bfloat16, device=x.device)
+    deep_gemm.m_grouped_bf16_gemm_nt_masked(x.contiguous(), w, out, masked_m.to(torch.int32), max(1, expected_m))
     return out

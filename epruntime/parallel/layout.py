@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from epruntime.parallel.placement import ExpertPlacement
 from epruntime.parallel.topology import Topology
 
 
@@ -78,10 +79,15 @@ class ParallelLayout:
     rail: dist.ProcessGroup
     tp: TPGroup
     ep: EPView
+    placements: tuple[ExpertPlacement, ...]  # one per MoE layer in model order, or one for every layer
 
     @property
     def world_size(self) -> int:
         return self.topo.world_size
+
+    def placement(self, moe_layer: int = 0) -> ExpertPlacement:
+        """The expert slots of MoE layer ``moe_layer`` (in model order; a standalone layer is 0)."""
+        return self.placements[moe_layer if len(self.placements) > 1 else 0]
 
     def describe(self) -> str:
         """One line for the log: this rank's node, local index, TP slice and EP experts."""
@@ -123,23 +129,33 @@ def build_layout(
     device: torch.device,
     timeout: timedelta,
     world: dist.ProcessGroup | None = None,
+    placement_rows: list[list[int]] | None = None,
+    num_logical: int | None = None,
 ) -> ParallelLayout:
     """Create every group of ``topo`` over ``world`` (default: the whole job) and return this rank's layout.
 
-    A one-rank world needs no new group: every group is ``world`` itself, so a rank can build a layout of
-    its own over a group that holds only itself.
+    ``topo.num_experts`` counts the physical expert slots; ``placement_rows`` (``phy2log`` rows, see
+    :mod:`epruntime.parallel.placement`) say which of the ``num_logical`` logical experts each holds
+    (default: the identity, one expert per slot). A one-rank world needs no new group: every group is
+    ``world`` itself, so a rank can build a layout of its own over a group that holds only itself.
     """
     world = dist.group.WORLD if world is None else world
     _check_sizes(topo, moe_tp, world)
+    ep_topo = Topology(topo.nnodes, topo.ranks_per_node // moe_tp, topo.num_experts)
+    rows = placement_rows or [list(range(topo.num_experts))]
+    logical = topo.num_experts if num_logical is None else num_logical
+    placements = tuple(
+        ExpertPlacement.from_row(row, logical, ep_topo.world_size, ep_topo.ranks_per_node) for row in rows
+    )
     if topo.world_size == 1:
         ep = EPView(topo, 0, world, world, world, device)
-        return ParallelLayout(topo, 0, world, world, world, TPGroup(None, 0, 1), ep)
+        return ParallelLayout(topo, 0, world, world, world, TPGroup(None, 0, 1), ep, placements)
     rpn, nodes = topo.ranks_per_node, topo.nnodes
     intra = new_groups([topo.node_ranks(n) for n in range(nodes)], rank, timeout)
     rail = new_groups([topo.rail_ranks(i) for i in range(rpn)], rank, timeout)
     if moe_tp == 1:
         ep = EPView(topo, rank, world, intra, rail, device)
-        return ParallelLayout(topo, rank, world, intra, rail, TPGroup(None, 0, 1), ep)
+        return ParallelLayout(topo, rank, world, intra, rail, TPGroup(None, 0, 1), ep, placements)
     span = rpn // moe_tp  # EP ranks per node in the sub-world
     groups = topo.world_size // moe_tp
     tp_group = new_groups([list(range(g * moe_tp, (g + 1) * moe_tp)) for g in range(groups)], rank, timeout)
@@ -150,5 +166,5 @@ def build_layout(
     ep_rail = new_groups(
         [[n * rpn + j * moe_tp + i for n in range(nodes)] for j in range(span) for i in range(moe_tp)], rank, timeout
     )
-    ep = EPView(Topology(nodes, span, topo.num_experts), rank // moe_tp, ep_world, ep_intra, ep_rail, device)
-    return ParallelLayout(topo, rank, world, intra, rail, TPGroup(tp_group, rank % moe_tp, moe_tp), ep)
+    ep = EPView(ep_topo, rank // moe_tp, ep_world, ep_intra, ep_rail, device)
+    return ParallelLayout(topo, rank, world, intra, rail, TPGroup(tp_group, rank % moe_tp, moe_tp), ep, placements)

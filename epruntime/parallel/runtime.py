@@ -14,6 +14,7 @@ import os
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,6 +27,7 @@ from epruntime.parallel.cpu_sched import batch_scheduling_if_oversubscribed, cor
 from epruntime.parallel.launcher import LaunchEnv as LaunchEnv  # re-exported: callers check worlds with it
 from epruntime.parallel.launcher import detect_launcher, reconcile_topology
 from epruntime.parallel.layout import ParallelLayout, build_layout
+from epruntime.parallel.placement import placement_rows
 from epruntime.parallel.topology import Topology
 
 
@@ -94,9 +96,10 @@ def _fingerprint(section: dict) -> int:
     return int.from_bytes(digest[:8], "little", signed=True)
 
 
-def check_ranks_agree(cfg: Config, world_size: int) -> None:
-    """Every rank must run the same config: one all-gather of a fingerprint per section, before any layer."""
-    sections = config_to_dict(cfg)
+def check_ranks_agree(cfg: Config, world_size: int, placement: list[list[int]] | None = None) -> None:
+    """Every rank must run the same config (and the same expert placement: the file's content, not only its
+    path): one all-gather of a fingerprint per section, before any layer."""
+    sections: dict[str, Any] = {**config_to_dict(cfg), "runtime.placement": {"phy2log": placement or []}}
     mine = torch.tensor([_fingerprint(body) for body in sections.values()], dtype=torch.int64)  # [S]
     every = torch.zeros(world_size * len(mine), dtype=torch.int64)  # [W * S]
     health.all_gather_flat(every, mine)
@@ -117,7 +120,8 @@ def init_runtime(cfg: Config) -> Runtime:
     if env.rank == 0:
         print(f"[epruntime] {env.describe()}", file=sys.stderr, flush=True)
     cfg = reconcile_topology(cfg, env)
-    topo = Topology(cfg.topology.nnodes, cfg.topology.ranks_per_node, cfg.model.n_routed_experts)
+    slots = cfg.model.n_routed_experts + cfg.runtime.redundant_experts  # physical expert slots
+    topo = Topology(cfg.topology.nnodes, cfg.topology.ranks_per_node, slots)
     timeout = timedelta(seconds=cfg.runtime.timeout_s)
     if cfg.topology.device == "cuda":
         torch.cuda.set_device(env.local_rank)
@@ -149,11 +153,19 @@ def init_runtime(cfg: Config) -> Runtime:
     rank = dist.get_rank()
     health.WATCHDOG.start(rank, topo.world_size, cfg.runtime.timeout_s)
     with health.stage("start-up: config agreement"):
-        check_ranks_agree(cfg, topo.world_size)
+        check_ranks_agree(cfg, topo.world_size, placement_rows(cfg))
     if cfg.runtime.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    layout = build_layout(topo, cfg.runtime.moe_tp, rank, device, timeout)
+    layout = build_layout(
+        topo,
+        cfg.runtime.moe_tp,
+        rank,
+        device,
+        timeout,
+        placement_rows=placement_rows(cfg),
+        num_logical=cfg.model.n_routed_experts,
+    )
     health.WATCHDOG.current = "idle"
     return Runtime(cfg=cfg, layout=layout, device=device, launcher=env.launcher, local_rank=env.local_rank)
 
@@ -163,9 +175,11 @@ def sub_runtime(rt: Runtime, group: dist.ProcessGroup) -> Runtime:
     expert local: what the benchmark's one-rank baseline runs in. Nothing of ``rt``'s layout is reused."""
     cfg = rt.cfg.replace(
         topology=dataclasses.replace(rt.cfg.topology, nnodes=1, ranks_per_node=1),
-        runtime=dataclasses.replace(rt.cfg.runtime, moe_tp=1, shared_expert_tp=1),
+        runtime=dataclasses.replace(
+            rt.cfg.runtime, moe_tp=1, shared_expert_tp=1, redundant_experts=0, placement="contiguous", rebalance_every=0
+        ),
     )
-    topo = Topology(1, 1, rt.topo.num_experts)
+    topo = Topology(1, 1, cfg.model.n_routed_experts)
     layout = build_layout(topo, 1, 0, rt.device, timedelta(seconds=cfg.runtime.timeout_s), world=group)
     return Runtime(cfg=cfg, layout=layout, device=rt.device, launcher=rt.launcher, local_rank=rt.local_rank)
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from epruntime.config.kernel_limits import deep_gemm_import_error
 from epruntime.config.schema import config_from_dict
 from epruntime.dispatch.base import count_tokens_per_expert
-from epruntime.io.fp8 import FP8, deep_gemm_import_error, dequantize_block_fp8, quantize_block_fp8
+from epruntime.io.fp8 import FP8, dequantize_block_fp8, quantize_block_fp8
 from epruntime.io.weights import random_state_dict
 from epruntime.layer.cuda_graph import GraphedMoE
 from epruntime.layer.experts import LocalExperts

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from epruntime.dispatch.deepep_limits import deep_ep_import_error
+from epruntime.config.kernel_limits import deep_ep_import_error
 from epruntime.layer.moe import EPMoE
 from epruntime.layer.reference import reference_moe
 from epruntime.parallel.runtime import Runtime

@@ -136,6 +136,8 @@ def test_single_machine_may_simulate_nodes() -> None:
     cfg = load_config(CPU_SIM)  # 2 nodes x 4
     for env in (LaunchEnv("torchrun", 0, 8, 0, 8, nnodes=1), LaunchEnv("mpirun", 0, 8, 0, 8, nnodes=1)):
         assert reconcile_topology(cfg, env) is cfg
+    alone = reconcile_topology(cfg, LaunchEnv("none", 0, 1, 0, 1))  # no launcher: a 1-rank world
+    assert (alone.topology.nnodes, alone.topology.ranks_per_node) == (1, 1) and alone.model == cfg.model
 
 
 def test_slurm_notations() -> None:

@@ -1,8 +1,8 @@
-"""What DeepEP's kernels accept, checked on the config before any process group exists.
+"""What DeepEP's and DeepGEMM's kernels accept, checked on the config before any process group exists.
 
-The dispatcher registry calls :func:`check_deepep` for the backends that need DeepEP; this module
-imports nothing of the backends (and ``deep_ep`` only to see whether it imports), so config
-validation stays free of them.
+The dispatcher declarations (:mod:`epruntime.config.dispatchers`) call :func:`check_deepep` for the
+backends that need DeepEP, the machine checks :func:`check_deep_gemm` for ``grouped_gemm: deep_gemm``.
+This module imports nothing of the backends (``deep_ep`` and ``deep_gemm`` only to see whether they import).
 """
 
 from __future__ import annotations
@@ -85,3 +85,35 @@ def _check_low_latency_capacity(what: str, capacity: int, world: int) -> None:
         )
 
 
+def deep_gemm_import_error() -> str | None:
+    """Why ``import deep_gemm`` fails here, or None when it works."""
+    try:
+        import deep_gemm  # noqa: F401
+    except Exception as exc:  # an ImportError, or a CUDA error from a build that does not match this machine
+        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return None
+
+
+def check_deep_gemm(cfg: Config) -> None:
+    """``runtime.grouped_gemm: deep_gemm`` needs the package, a Hopper GPU and 128-aligned shapes."""
+    reason = deep_gemm_import_error()
+    if reason is not None:
+        raise ConfigError(
+            f"runtime.grouped_gemm: deep_gemm needs DeepGEMM, but import deep_gemm failed ({reason}); use the GPU "
+            f"image (docker/README.md) or pip install DeepGEMM from source, or set runtime.grouped_gemm=auto"
+        )
+    import torch
+
+    major, _ = torch.cuda.get_device_capability()
+    if major != 9:
+        raise ConfigError(
+            f"runtime.grouped_gemm: deep_gemm is wired for Hopper (SM90) FP32 block scales, this GPU is SM{major}x; "
+            f"set runtime.grouped_gemm=auto"
+        )
+    m = cfg.model
+    intermediate = m.moe_intermediate_size // cfg.runtime.moe_tp
+    if m.hidden_size % 128 or intermediate % 128:
+        raise ConfigError(
+            f"runtime.grouped_gemm: deep_gemm needs model.hidden_size ({m.hidden_size}) and the per-rank "
+            f"moe_intermediate_size ({intermediate}) to be multiples of 128; set runtime.grouped_gemm=auto"
+        )
