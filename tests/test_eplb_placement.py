@@ -288,3 +288,17 @@ def test_metric_and_load_argument_errors() -> None:
         zipf_load(2, 0, 1.0, 0)
     with pytest.raises(ValueError, match="cap"):
         zipf_load(2, 4, 1.0, 0, cap=0.1)
+
+
+def test_search_off_is_the_plain_greedy_policy_and_valid() -> None:
+    """``search=False`` (what the online rebalancer uses) keeps every invariant and is never better than the search."""
+    from epruntime.eplb import balance, rebalance_experts, zipf_load
+
+    w = zipf_load(4, 64, 1.0, seed=3, cap=1 / 8)
+    fast, _, fast_cnt = rebalance_experts(w, 72, 8, 2, 8, search=False)
+    full, _, full_cnt = rebalance_experts(w, 72, 8, 2, 8)
+    assert (fast_cnt >= 1).all() and (fast_cnt.sum(-1) == 72).all()
+    node_groups = fast.view(4, 2, 36) // 8  # [L, nodes, slots of a node]: the group of each slot's expert
+    for layer in range(4):  # hierarchical: every group's replicas on one node
+        assert not set(node_groups[layer, 0].tolist()) & set(node_groups[layer, 1].tolist())
+    assert (balance(w, full, full_cnt, 8) <= balance(w, fast, fast_cnt, 8) + 1e-12).all()

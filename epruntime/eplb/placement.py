@@ -89,7 +89,7 @@ def _spare_counts(extra: int) -> list[int]:
 
 
 def _place_in_nodes(
-    weight: torch.Tensor, node_of_group: torch.Tensor, num_slots: int, num_nodes: int, num_gpus: int
+    weight: torch.Tensor, node_of_group: torch.Tensor, num_slots: int, num_nodes: int, num_gpus: int, search: bool
 ) -> torch.Tensor:
     """``phy2log [L, P]`` for a given packing of groups onto nodes: replicate within each node, pack the node's
     replicas onto its GPUs, keeping per node the variant with the lowest heaviest GPU.
@@ -123,6 +123,7 @@ def _place_in_nodes(
     variants = [(0, -1, False), (0, -1, True)]  # (cap, hot, heavier_ties), the first one refined
     variants += [(gpus_per_node, -1, False)] if bool((count > gpus_per_node).any()) else []
     variants += [(0, extra - k, False) for k in _spare_counts(extra)]
+    variants = variants if search else variants[:1]
     for k, (cap, hot, heavier) in enumerate(variants):
         open_rows = torch.ones_like(peak, dtype=torch.bool) if k == 0 else peak > bound * (1 + CLOSE_ENOUGH)  # [L*N]
         rows = open_rows.nonzero().squeeze(-1)  # [A]
@@ -136,15 +137,16 @@ def _place_in_nodes(
         better = pk < peak[rows] * (1 - 1e-12)  # [A]
         rows, s2i, g, pk = rows[better], s2i[better], g[better], pk[better]
         slot2item[rows], gpu_of[rows], peak[rows] = s2i, g, pk
-    rounds = min(2 * extra, 16)
-    slot2item, gpu_of, peak = improve_counts(node_w, slot2item, gpu_of, peak, bound, gpus_per_node, rounds)
+    if search:
+        rounds = min(2 * extra, 16)
+        slot2item, gpu_of, peak = improve_counts(node_w, slot2item, gpu_of, peak, bound, gpus_per_node, rounds)
     expert = node_experts.gather(-1, slot2item)  # [L*N, P/N]: global logical id of each slot
     order = torch.sort(gpu_of * num_experts + expert, dim=-1, stable=True).indices  # [L*N, P/N]
     return expert.gather(-1, order).view(num_layers, num_slots)  # [L, P]
 
 
 def _placements(
-    weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
+    weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, search: bool
 ) -> list[torch.Tensor]:
     """Candidate ``phy2log [L, P]`` tensors, from the greedy packing of groups onto nodes first, then (for the layers
     where they differ from it) from a refined one and from the greedy one breaking ties between equal groups the
@@ -152,7 +154,9 @@ def _placements(
     num_layers = weight.shape[0]
     group_w = weight.view(num_layers, num_groups, -1).sum(-1)  # [L, groups]
     greedy_nodes = greedy_pack(group_w, num_nodes)  # [L, groups]
-    out = [_place_in_nodes(weight, greedy_nodes, num_replicas, num_nodes, num_gpus)]
+    out = [_place_in_nodes(weight, greedy_nodes, num_replicas, num_nodes, num_gpus, search)]
+    if not search:
+        return out
     tried = [bin_members(greedy_nodes, num_nodes)]  # [L, N, groups per node]
     for nodes in (refine_pack(group_w, greedy_nodes, num_nodes), greedy_pack(group_w, num_nodes, late_first=True)):
         members = bin_members(nodes, num_nodes)
@@ -161,7 +165,7 @@ def _placements(
         if bool(new.any()):  # only the layers with a packing not tried yet are placed again
             rows = new.nonzero().squeeze(-1)
             cand = out[0].clone()
-            cand[rows] = _place_in_nodes(weight[rows], nodes[rows], num_replicas, num_nodes, num_gpus)
+            cand[rows] = _place_in_nodes(weight[rows], nodes[rows], num_replicas, num_nodes, num_gpus, search)
             out.append(cand)
     return out
 
@@ -179,7 +183,7 @@ def _one_thread() -> Iterator[None]:
 
 
 def rebalance_experts(
-    weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
+    weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, *, search: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Place ``E`` logical experts on ``num_replicas`` physical slots over ``num_gpus`` GPUs, balancing the load.
 
@@ -187,13 +191,15 @@ def rebalance_experts(
     GPU ``g`` on node ``g // (num_gpus / num_nodes)``. The hierarchical policy (groups of ``E / num_groups``
     consecutive experts kept on one node) applies when ``num_groups % num_nodes == 0``, the global one otherwise.
     Returns ``phy2log [L, P]``, ``log2phy [L, E, maxcnt]`` (padded with -1) and ``logcnt [L, E]``, all int64 on CPU.
-    Deterministic; it runs torch single-threaded for its duration (the thread count is restored).
+    Deterministic; it runs torch single-threaded for its duration (the thread count is restored). ``search=False``
+    keeps only the plain greedy policy (one refined GPU packing per node, no other candidates): several times
+    faster, for placing while serving.
     """
     w = _check_args(weight, num_replicas, num_groups, num_nodes, num_gpus)  # [L, E]
     if num_groups % num_nodes:
         num_groups, num_nodes = 1, 1
     with _one_thread():
-        candidates = _placements(w, num_replicas, num_groups, num_nodes, num_gpus)
+        candidates = _placements(w, num_replicas, num_groups, num_nodes, num_gpus, search)
     peaks = []
     for phy2log in candidates:
         _, logcnt = logical_maps(phy2log, w.shape[1])

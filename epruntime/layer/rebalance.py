@@ -84,12 +84,15 @@ def place(
         en, pn = e // nodes, p // nodes
         groups = num_groups // nodes if num_groups % nodes == 0 else 1
         parts = [
-            rebalance_experts(load[n * en : (n + 1) * en].view(1, -1), pn, groups, 1, ranks_per_node)[0][0] + n * en
+            rebalance_experts(load[n * en : (n + 1) * en].view(1, -1), pn, groups, 1, ranks_per_node, search=False)[0][
+                0
+            ]
+            + n * en
             for n in range(nodes)
         ]
         new = torch.cat(parts)
     else:
-        new = rebalance_experts(load.view(1, -1), p, num_groups, nodes, gpus)[0][0]
+        new = rebalance_experts(load.view(1, -1), p, num_groups, nodes, gpus, search=False)[0][0]
     new = align(old, new, slots_per_rank, ranks_per_node, e, keep_nodes=node_limited)
     before, after = busiest_over_mean(load, old, gpus), busiest_over_mean(load, new, gpus)
     return new if after < before * (1 - 1e-9) else old
