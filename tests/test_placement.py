@@ -193,3 +193,18 @@ def test_checkpoint_model_with_a_placement_per_layer_equals_transformers(tmp_pat
     for rank, (logits, slots, _) in enumerate(outs):
         assert rel_err(logits, hf_logits(reference, ids[rank])) <= 1e-4
         assert slots == [row[rank * 6 : (rank + 1) * 6] for row in rows]  # row i for MoE layer i
+
+
+def test_a_placement_with_too_few_rows_for_the_checkpoint_is_refused(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("safetensors", reason="checkpoints need safetensors: pip install -e '.[models]'")
+    from epruntime.cli.checkpoint_config import generate_config
+    from epruntime.io.checkpoint import CheckpointReader
+    from tests.tiny_checkpoints import write_checkpoints
+
+    reader = CheckpointReader(write_checkpoints(tmp_path / "ckpt")["single"])  # 2 MoE layers
+    two = _placement_file(tmp_path, [_random_row(2, 6, seed) for seed in (1, 2)])
+    common = ["topology.ranks_per_node=3", "runtime.redundant_experts=2", f"runtime.placement={two}"]
+    assert generate_config(reader, None, common, None).runtime.placement == two  # a row per MoE layer
+    monkeypatch.setattr(type(reader), "num_layers", property(lambda self: 4))  # now 3 MoE layers (1-3)
+    with pytest.raises(ConfigError, match=r"runtime.placement: .* has 2 rows for 3 MoE layers"):
+        generate_config(reader, None, common, None)

@@ -29,6 +29,7 @@ from epruntime.cli.eplb import (
 from epruntime.config.schema import Config, ConfigError, load_config
 from epruntime.dispatch import registry
 from epruntime.dispatch.base import Traffic, traffic_report
+from epruntime.dispatch.deepep import LL_MESSAGE_HEADER_BYTES
 from epruntime.dispatch.flat import destinations
 from epruntime.io.fp8 import BLOCK
 from epruntime.io.weights import gate_weights
@@ -80,7 +81,8 @@ def expected_traffic(
     - ``per_node_then_rank`` (hierarchical): one row per (token, remote node) over the rail, plus one per
       (token, hosting rank) whose local index differs from the source's (the forwarder in every node has
       the source's local index);
-    - ``per_pair`` (deepep_low_latency): one message per (token, expert) pair to the expert's rank;
+    - ``per_pair`` (deepep_low_latency): one message per (token, expert) pair to the expert's rank, with
+      DeepEP's 16-byte header as its metadata;
     - ``fixed_blocks`` (lowlatency, needs ``capacity``): every rank sends every other rank ``capacity`` slots
       per call, whatever its batch (not scaled).
 
@@ -104,6 +106,7 @@ def expected_traffic(
         "per_pair": _pair_rows(topk_idx, src_rank, topo),
     }
     scales = dict.fromkeys(rows, scale)
+    metas = dict.fromkeys(rows, meta_bytes) | {"per_pair": LL_MESSAGE_HEADER_BYTES}  # DeepEP's message header
     if capacity is not None:
         w, rpn = topo.world_size, topo.ranks_per_node
         rows["fixed_blocks"] = {"intra_node": w * (rpn - 1) * capacity, "inter_node": w * (w - rpn) * capacity}
@@ -116,7 +119,7 @@ def expected_traffic(
         traffic = Traffic()
         for link, n in rows[model].items():
             traffic.add("dispatch", link, round(n * scales[model] * row_bytes))
-            traffic.add("dispatch", "metadata", round(n * scales[model] * meta_bytes))
+            traffic.add("dispatch", "metadata", round(n * scales[model] * metas.get(model, meta_bytes)))
             traffic.add("combine", link, round(n * scales[model] * row_bytes))
         reports[backend.name] = traffic_report(traffic.as_tensor())
     return reports

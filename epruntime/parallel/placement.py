@@ -107,10 +107,3 @@ def placement_rows(cfg: Config) -> list[list[int]]:
     if cfg.runtime.placement == CONTIGUOUS:
         return [list(range(e + r)) if r == 0 else [p % e for p in range(e + r)]]
     return read_phy2log(cfg.runtime.placement, e, e + r)
-
-
-def layer_placement(cfg: Config, moe_layer: int, ep_world: int, ranks_per_node: int) -> ExpertPlacement:
-    """The placement of MoE layer ``moe_layer`` (0 for a standalone layer; one row serves every layer)."""
-    rows = placement_rows(cfg)
-    row = rows[moe_layer] if len(rows) > 1 else rows[0]
-    return ExpertPlacement.from_row(row, cfg.model.n_routed_experts, ep_world, ranks_per_node)
