@@ -242,3 +242,16 @@ def install_fake_cuda(monkeypatch: pytest.MonkeyPatch, rec: Recorder) -> None:
     monkeypatch.setattr(torch.cuda, "stream", stream)
     monkeypatch.setattr(torch.cuda, "graph", graph)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: FakeGraph(rec))
+
+
+def install_recording_deep_ep(monkeypatch: pytest.MonkeyPatch) -> Recorder:
+    """deep_ep for rank 0 of 2 (one node), the EP group's barrier and torch.cuda's streams, all recording."""
+    import sys
+
+    from epruntime.dispatch import deepep
+
+    recorder = Recorder()
+    monkeypatch.setitem(sys.modules, "deep_ep", make_deep_ep(recorder, world=2, rank=0))
+    monkeypatch.setattr(deepep.dist, "barrier", lambda group=None, **kw: recorder.add("barrier", group))
+    install_fake_cuda(monkeypatch, recorder)
+    return recorder

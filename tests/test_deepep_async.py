@@ -23,7 +23,12 @@ from epruntime.layer.experts import LocalExperts
 from epruntime.parallel.layout import EPView
 from epruntime.parallel.topology import Topology
 from tests.factories import make_config
-from tests.standins import FakeStream, Recorder, install_fake_cuda, make_deep_ep, make_deep_gemm
+from tests.standins import (
+    FakeStream,
+    Recorder,
+    install_recording_deep_ep,
+    make_deep_gemm,
+)
 
 H, K = 256, 2
 SPEC = DispatchSpec(hidden_size=H, dtype=torch.bfloat16, num_experts=8, capacity=4)
@@ -32,11 +37,7 @@ SPEC = DispatchSpec(hidden_size=H, dtype=torch.bfloat16, num_experts=8, capacity
 @pytest.fixture
 def rec(monkeypatch: pytest.MonkeyPatch) -> Recorder:
     """deep_ep for rank 0 of 2 (one node), the group barrier and torch.cuda's streams, all recording."""
-    recorder = Recorder()
-    monkeypatch.setitem(sys.modules, "deep_ep", make_deep_ep(recorder, world=2, rank=0))
-    monkeypatch.setattr(deepep.dist, "barrier", lambda group=None, **kw: recorder.add("barrier", group))
-    install_fake_cuda(monkeypatch, recorder)
-    return recorder
+    return install_recording_deep_ep(monkeypatch)
 
 
 def _ep(name: str = "world") -> EPView:

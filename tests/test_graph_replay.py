@@ -9,7 +9,6 @@ the host-side counts of ``lowlatency`` move from the capture (which sent nothing
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -22,7 +21,7 @@ from epruntime.dispatch.base import DispatchSpec
 from epruntime.layer import cuda_graph
 from epruntime.parallel.layout import EPView
 from epruntime.parallel.topology import Topology
-from tests.standins import Recorder, install_fake_cuda, make_deep_ep
+from tests.standins import Recorder, install_recording_deep_ep
 
 H = 256
 SPEC = DispatchSpec(hidden_size=H, dtype=torch.bfloat16, num_experts=8, capacity=4)
@@ -50,10 +49,7 @@ class StubLayer:
 
 @pytest.fixture
 def rec(monkeypatch: pytest.MonkeyPatch) -> Recorder:
-    recorder = Recorder()
-    monkeypatch.setitem(sys.modules, "deep_ep", make_deep_ep(recorder, world=2, rank=0))
-    monkeypatch.setattr(deepep.dist, "barrier", lambda group=None, **kw: recorder.add("barrier", group))
-    install_fake_cuda(monkeypatch, recorder)
+    recorder = install_recording_deep_ep(monkeypatch)
     monkeypatch.setattr(cuda_graph, "check_capturable", lambda layer, num_tokens, warmup: None)  # CPU tensors
     return recorder
 

@@ -55,14 +55,6 @@ class Runtime:
         return self.layout.world_size
 
     @property
-    def node(self) -> int:
-        return self.topo.node_of(self.rank)
-
-    @property
-    def local_index(self) -> int:
-        return self.topo.local_index_of(self.rank)
-
-    @property
     def world_group(self) -> dist.ProcessGroup:
         return self.layout.world
 
